@@ -1,0 +1,33 @@
+# Set-up and entry points. Every target creates .venv on first use and installs into it.
+# TORCH picks the torch build: the default pins the CPU build available on our CI machines;
+# on a GPU machine run e.g. `make test TORCH=torch` to take the registry's CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,examples]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) examples/language_model.py
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check lightning_moe tests examples benchmarks
+
+bench: install
+	$(PY) benchmarks/moe_layer.py
+
+clean:
+	rm -rf $(VENV) lightning_logs build *.egg-info

@@ -1,0 +1,216 @@
+"""Expert banks: run a batch of tokens already grouped by expert through each expert.
+
+Both banks take ``x_MD`` (the kept assignments, contiguous per expert, in expert order) and
+``counts`` (tokens per local expert, a host list) and return ``y_MD`` in the same order.
+
+Shape legend: M kept assignments, D model width, H expert hidden width, E experts held here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
+
+
+def _activation(name: str):
+    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[name]
+
+
+def _grouped_mm_usable(x: Tensor, *weights: Tensor) -> bool:
+    # torch._grouped_mm is the CUDA grouped GEMM (one launch for all experts). It wants bf16 and
+    # 16-byte aligned rows; everything else, CPU included, takes the per-expert loop, which measured
+    # faster than torch's CPU _grouped_mm fallback (benchmarks/moe_layer.py).
+    return (
+        x.is_cuda
+        and hasattr(torch, "_grouped_mm")
+        and x.dtype == torch.bfloat16
+        and all(w.dtype == torch.bfloat16 and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
+    )
+
+
+class GroupedExperts(nn.Module):
+    """``num_experts`` feed-forward experts with stacked weights ``w1 [E, D, H]``, ``w2 [E, H, D]``.
+
+    With ``activation="swiglu"`` a third weight ``w3 [E, D, H]`` gates the hidden layer
+    (``silu(x w1) * (x w3)``). Each expert runs one GEMM per weight on its contiguous slice; on CUDA
+    with bf16 the slices run as one grouped GEMM.
+
+    Args:
+        num_experts: experts held by this module (all of them, or a rank's share under expert
+            parallelism, see ``expert_offset``).
+        dim: model width D.
+        hidden_dim: expert hidden width H.
+        activation: ``"gelu" | "relu" | "silu" | "swiglu"``.
+        bias: add per-expert biases ``b1 [E, H]``, ``b2 [E, D]`` (upcycled ``nn.Linear`` blocks).
+
+    Example:
+        >>> experts = GroupedExperts(4, dim=8, hidden_dim=16)
+        >>> experts(torch.randn(6, 8), [1, 2, 0, 3]).shape
+        torch.Size([6, 8])
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        activation: str = "gelu",
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"{type(self).__name__}: activation={activation!r} must be one of {ACTIVATIONS}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_experts = num_experts
+        self.dim = dim
+        self.hidden_dim = hidden_dim
+        self.activation = activation
+        # Global id of local expert 0; the expert-parallel strategy sets it when it shards.
+        self.expert_offset = 0
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **factory))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **factory))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **factory)) if activation == "swiglu" else None
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim, **factory)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """``nn.Linear``'s init, expert by expert.
+
+        Args:
+            seed: when given, expert ``g`` (global id ``expert_offset + local index``) draws from a
+                generator seeded with ``(seed, g)``, so any rank materialises its own experts
+                exactly as a single process holding all of them would.
+        """
+        for local, params in enumerate(self._per_expert_params()):
+            generator = None
+            if seed is not None and self.w1.device.type != "meta":
+                generator = torch.Generator(device=self.w1.device).manual_seed(
+                    seed * 1_000_003 + self.expert_offset + local
+                )
+            for tensor, fan_in in params:
+                bound = 1.0 / math.sqrt(fan_in)
+                with torch.no_grad():
+                    tensor.uniform_(-bound, bound, generator=generator)
+
+    def _per_expert_params(self):
+        for e in range(self.num_experts):
+            params = [(self.w1[e], self.dim), (self.w2[e], self.hidden_dim)]
+            if self.w3 is not None:
+                params.append((self.w3[e], self.dim))
+            if self.b1 is not None:
+                params += [(self.b1[e], self.dim), (self.b2[e], self.hidden_dim)]
+            yield params
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+            f"activation={self.activation!r}, bias={self.b1 is not None}"
+        )
+
+    def forward(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
+        """Run each expert on its slice of ``x_MD``; ``counts[e]`` rows belong to expert e, in order."""
+        if len(counts) != self.num_experts:
+            raise ValueError(f"{type(self).__name__}: got {len(counts)} counts for {self.num_experts} experts")
+        if x_MD.shape[0] == 0:
+            return _empty_output(x_MD, self.dim, self.parameters())
+        weights = [w for w in (self.w1, self.w2, self.w3) if w is not None]
+        if _grouped_mm_usable(x_MD, *weights) and self.b1 is None:
+            return self._forward_grouped_mm(x_MD, counts)
+        return self._forward_loop(x_MD, counts)
+
+    def _forward_loop(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
+        outputs = []
+        for e, x_CD in enumerate(torch.split(x_MD, list(counts))):
+            if x_CD.shape[0] == 0:
+                continue
+            outputs.append(self._expert(e, x_CD))
+        return torch.cat(outputs)
+
+    def _expert(self, e: int, x_CD: Tensor) -> Tensor:
+        h_CH = x_CD @ self.w1[e]
+        if self.b1 is not None:
+            h_CH = h_CH + self.b1[e]
+        if self.w3 is not None:
+            h_CH = F.silu(h_CH) * (x_CD @ self.w3[e])
+        else:
+            h_CH = _activation(self.activation)(h_CH)
+        y_CD = h_CH @ self.w2[e]
+        if self.b2 is not None:
+            y_CD = y_CD + self.b2[e]
+        return y_CD
+
+    def _forward_grouped_mm(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
+        offsets = torch.tensor(counts, device=x_MD.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        h_MH = torch._grouped_mm(x_MD, self.w1, offs=offsets)
+        if self.w3 is not None:
+            h_MH = F.silu(h_MH) * torch._grouped_mm(x_MD, self.w3, offs=offsets)
+        else:
+            h_MH = _activation(self.activation)(h_MH)
+        return torch._grouped_mm(h_MH, self.w2, offs=offsets)
+
+
+class TemplateExperts(nn.Module):
+    """Experts that are copies of any user module mapping ``[*, D] -> [*, D]``.
+
+    Each copy is re-initialised (``reset_parameters`` on every submodule that has it) so experts
+    start different, unless ``reinit=False`` (upcycling keeps the dense weights). Runs a loop over
+    modules: slower than :class:`GroupedExperts`, but any architecture works.
+
+    Example:
+        >>> experts = TemplateExperts(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)), 3)
+        >>> experts(torch.randn(5, 8), [2, 0, 3]).shape
+        torch.Size([5, 8])
+    """
+
+    def __init__(self, template: nn.Module, num_experts: int, reinit: bool = True) -> None:
+        super().__init__()
+        if not isinstance(template, nn.Module):
+            raise ValueError(f"{type(self).__name__}: expert={type(template).__name__} must be an nn.Module")
+        self.num_experts = num_experts
+        self.expert_offset = 0
+        self.experts = nn.ModuleList(copy.deepcopy(template) for _ in range(num_experts))
+        if reinit:
+            self.reset_parameters()
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Re-initialise every expert; with ``seed``, expert g draws from ``(seed, g)`` (global id)."""
+        for local, expert in enumerate(self.experts):
+            if seed is None:
+                _reset_all(expert)
+                continue
+            with torch.random.fork_rng(devices=[]):  # a seeded reset leaves the global RNG as it was
+                torch.manual_seed(seed * 1_000_003 + self.expert_offset + local)
+                _reset_all(expert)
+
+    def forward(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
+        if len(counts) != self.num_experts:
+            raise ValueError(f"{type(self).__name__}: got {len(counts)} counts for {self.num_experts} experts")
+        outputs = [
+            expert(x_CD) for expert, x_CD in zip(self.experts, torch.split(x_MD, list(counts))) if x_CD.shape[0] > 0
+        ]
+        if not outputs:
+            return _empty_output(x_MD, x_MD.shape[-1], self.parameters())
+        return torch.cat(outputs)
+
+
+def _reset_all(module: nn.Module) -> None:
+    for sub in module.modules():
+        if callable(getattr(sub, "reset_parameters", None)):
+            sub.reset_parameters()
+
+
+def _empty_output(x_MD: Tensor, dim: int, params) -> Tensor:
+    # No token reached any expert: still tie every weight into the graph (with zero gradient) so
+    # backward hooks and DDP's reducer see the parameters used, as in a step with tokens.
+    anchor = sum((p.sum() * 0 for p in params), x_MD.new_zeros(()))
+    return x_MD.new_zeros((0, dim)) + anchor.to(x_MD.dtype)

@@ -1,0 +1,172 @@
+"""Pure tensor functions of Mixture-of-Experts routing and dispatch.
+
+No modules and no state: every function takes tensors and returns tensors, so each piece is tested
+on its own and the modules in ``router.py``, ``experts.py`` and ``moe.py`` stay thin.
+
+Shape legend (suffixes on tensor names):
+    T: tokens (flattened leading dims)    D: model width       H: expert hidden width
+    E: experts (global)                   K: top_k              N: token->expert assignments (T*K)
+    M: assignments kept after capacity    C: expert capacity (expert-choice)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+def router_scores(logits_TE: Tensor, score_func: str) -> Tensor:
+    """Turn router logits into per-expert scores in [0, 1]."""
+    if score_func == "softmax":
+        return torch.softmax(logits_TE, dim=-1)
+    if score_func == "sigmoid":
+        return torch.sigmoid(logits_TE)
+    raise ValueError(f"score_func={score_func!r} must be one of {SCORE_FUNCS}")
+
+
+def topk_routing(
+    scores_TE: Tensor,
+    top_k: int,
+    expert_bias_E: Tensor | None = None,
+    normalize_weights: bool = True,
+    valid_T: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Token-choice top-k: each token picks its ``top_k`` highest-scoring experts.
+
+    Args:
+        scores_TE: router scores (softmax or sigmoid), float32.
+        top_k: experts per token.
+        expert_bias_E: aux-loss-free balancing bias (DeepSeek-V3); shifts which experts are
+            *chosen*, never the weights the chosen experts get.
+        normalize_weights: rescale the k weights of a token to sum to 1. Ignored for ``top_k=1``,
+            where it would make every weight 1.0 and cut the router off from the task gradient
+            (Switch Transformer scales by the raw probability).
+        valid_T: bool mask of tokens to route; the others get expert id ``E`` (a sentinel past the
+            last expert, so sorting pushes them to the end) and weight 0.
+
+    Returns:
+        ``(top_ids_TK, top_weights_TK)``: int64 expert ids and float weights.
+    """
+    selection_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E.to(scores_TE.dtype)
+    # NaN scores (NaN inputs) still yield ids in [0, E): topk never returns an out-of-range index.
+    top_ids_TK = torch.topk(selection_TE.detach(), top_k, dim=-1, sorted=True).indices
+    top_weights_TK = scores_TE.gather(-1, top_ids_TK)
+    if normalize_weights and top_k > 1:
+        top_weights_TK = top_weights_TK / top_weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    if valid_T is not None:
+        num_experts = scores_TE.shape[-1]
+        top_ids_TK = torch.where(valid_T[:, None], top_ids_TK, num_experts)
+        top_weights_TK = top_weights_TK * valid_T[:, None].to(top_weights_TK.dtype)
+    return top_ids_TK, top_weights_TK
+
+
+def expert_choice_routing(
+    scores_TE: Tensor, capacity: int, valid_T: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Expert-choice routing (Zhou et al. 2022): each expert takes its ``capacity`` best tokens.
+
+    Balanced by construction. It looks at every token of the batch at once, so it is not causal:
+    use it for encoders or training-time routing, not for autoregressive decoding.
+
+    Returns:
+        ``(token_ids_EC, weights_EC, chosen_EC)``: per expert the chosen token indices, their
+        scores, and a bool mask that is False for chosen padding tokens (their weight is 0).
+    """
+    if valid_T is not None:
+        # Padded tokens sort last; if an expert must still take one (capacity > valid tokens)
+        # it is masked out of the weights and the counts.
+        scores_TE = scores_TE.masked_fill(~valid_T[:, None], -1.0)
+    weights_EC, token_ids_EC = torch.topk(scores_TE.t(), capacity, dim=-1, sorted=True)
+    chosen_EC = torch.ones_like(token_ids_EC, dtype=torch.bool) if valid_T is None else valid_T[token_ids_EC]
+    weights_EC = weights_EC * chosen_EC.to(weights_EC.dtype)
+    return token_ids_EC, weights_EC, chosen_EC
+
+
+def expert_capacity(capacity_factor: float, num_tokens: Tensor | int, top_k: int, num_experts: int) -> Tensor:
+    """Slots per expert: ``ceil(capacity_factor * T * k / E)``, as a tensor (no host sync)."""
+    tokens = torch.as_tensor(num_tokens, dtype=torch.float64)
+    return torch.ceil(capacity_factor * tokens * top_k / num_experts).to(torch.int64)
+
+
+def sort_by_expert(
+    top_ids_TK: Tensor, num_experts: int, capacity: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Order the T*K assignments by expert (stable), applying capacity.
+
+    Assignments are laid out k-major (every token's first choice before any second choice), so
+    when an expert overflows, first choices win over second choices and earlier tokens over later
+    ones (GShard's priority); the drop order is deterministic.
+
+    Args:
+        top_ids_TK: expert ids, ``num_experts`` marks an unrouted (padded) token.
+        num_experts: E.
+        capacity: slots per expert (0-dim int64 tensor), or None for dropless.
+
+    Returns:
+        ``(order_N, keep_N, counts_E, kept_counts_E)``: ``order_N`` indexes the k-major flattened
+        assignments so that they run grouped by expert (kept ones of each expert first, dropped and
+        padded ones last); ``keep_N`` marks the assignments in ``order_N`` that are kept;
+        ``counts_E`` counts assignments before drops, ``kept_counts_E`` after.
+    """
+    ids_N = top_ids_TK.t().reshape(-1)
+    counts_E = torch.bincount(ids_N, minlength=num_experts + 1)[:num_experts]
+    if capacity is None:
+        order_N = torch.argsort(ids_N, stable=True)
+        keep_N = ids_N[order_N] < num_experts
+        return order_N, keep_N, counts_E, counts_E
+    kept_counts_E = torch.minimum(counts_E, capacity)
+    order_N = torch.argsort(ids_N, stable=True)
+    sorted_ids_N = ids_N[order_N]
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    starts_N = torch.cat([starts_E, starts_E.new_zeros(1)])[sorted_ids_N]
+    position_N = torch.arange(ids_N.numel(), device=ids_N.device) - starts_N
+    keep_N = (position_N < capacity) & (sorted_ids_N < num_experts)
+    # Second stable sort: per expert, kept assignments stay in place; dropped ones move to the end.
+    key_N = torch.where(keep_N, sorted_ids_N, num_experts)
+    regroup_N = torch.argsort(key_N, stable=True)
+    return order_N[regroup_N], keep_N[regroup_N], counts_E, kept_counts_E
+
+
+def load_balancing_loss(
+    probs_TE: Tensor, counts_E: Tensor, num_tokens: Tensor | int, top_k: int, valid_T: Tensor | None = None
+) -> Tensor:
+    """Switch Transformer balancing loss without its coefficient: ``E * sum_i f_i * P_i``.
+
+    ``f_i`` is the share of the ``num_tokens * top_k`` token->expert assignments routed to expert i
+    (counted before drops; no gradient flows through counts), ``P_i`` the mean router probability
+    of expert i over the routed tokens. Equals 1 when routing is uniform.
+
+    Args:
+        probs_TE: per-token probabilities over experts (rows sum to 1).
+        counts_E: assignments per expert.
+        num_tokens: routed tokens (padding excluded).
+        top_k: assignments per token.
+        valid_T: bool mask of routed tokens; rows outside it do not enter ``P_i``.
+    """
+    num_experts = probs_TE.shape[-1]
+    tokens = torch.as_tensor(num_tokens, device=probs_TE.device).to(probs_TE.dtype).clamp_min(1)
+    if valid_T is not None:
+        probs_TE = probs_TE * valid_T[:, None].to(probs_TE.dtype)
+    f_E = counts_E.to(probs_TE.dtype) / (tokens * top_k)
+    p_E = probs_TE.sum(dim=0) / tokens
+    return num_experts * (f_E * p_E).sum()
+
+
+def z_loss(logits_TE: Tensor, valid_T: Tensor | None = None) -> Tensor:
+    """ST-MoE router z-loss without its coefficient: ``mean(logsumexp(logits)^2)`` over routed tokens."""
+    lse_T = torch.logsumexp(logits_TE, dim=-1).square()
+    if valid_T is None:
+        return lse_T.mean() if lse_T.numel() else lse_T.sum()
+    return (lse_T * valid_T).sum() / valid_T.sum().clamp_min(1)
+
+
+def routing_entropy(scores_TE: Tensor, valid_T: Tensor | None = None) -> Tensor:
+    """Mean entropy (nats) of the per-token router distribution; high = undecided router."""
+    p_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    h_T = -(p_TE * torch.log(p_TE.clamp_min(1e-20))).sum(dim=-1)
+    if valid_T is None:
+        return h_T.mean() if h_T.numel() else h_T.sum()
+    return (h_T * valid_T).sum() / valid_T.sum().clamp_min(1)

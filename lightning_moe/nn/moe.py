@@ -1,0 +1,329 @@
+"""The Mixture-of-Experts layer: router + sort-based dispatch + experts (+ shared experts).
+
+Shape legend: T tokens (flattened leading dims), D model width, E experts, K top_k,
+N = T*K assignments, M assignments kept after capacity, C expert-choice capacity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.nn import functional as MF
+from lightning_moe.nn.experts import ACTIVATIONS, GroupedExperts, TemplateExperts
+from lightning_moe.nn.router import ExpertChoiceRouter, TokenChoiceRouter
+
+ROUTERS = ("token_choice", "expert_choice")
+
+# (x_MD grouped by global expert, kept_counts_E, local experts) -> y_MD in the same order.
+ExpertDispatcher = Callable[[Tensor, Tensor, nn.Module], Tensor]
+
+
+class MoE(nn.Module):
+    """Sparse Mixture-of-Experts feed-forward block, a drop-in for an MLP: ``[..., dim] -> [..., dim]``.
+
+    A float32 router sends each token to ``top_k`` experts (token choice) or lets each expert pick
+    its tokens (expert choice). Assignments are sorted by expert into one contiguous buffer, each
+    expert runs one GEMM per weight on its slice, and the weighted outputs are summed back per
+    token. Memory is O(T*K*D): no one-hot ``[T, E, capacity]`` tensors.
+
+    Args:
+        dim: model width D.
+        num_experts: number of routed experts E.
+        top_k: experts per token (token choice) or average experts per token (expert choice).
+        hidden_dim: expert hidden width; default ``4 * dim``.
+        activation: ``"gelu" | "relu" | "silu" | "swiglu"``.
+        router: ``"token_choice" | "expert_choice"``.
+        score_func: ``"softmax" | "sigmoid"``.
+        capacity_factor: None for dropless; a float > 0 gives each expert
+            ``ceil(capacity_factor * T * top_k / E)`` slots and drops (and counts) what overflows.
+            Expert choice uses it for its per-expert capacity (default 1.0).
+        num_shared_experts: always-active experts (DeepSeek-MoE), fused into one MLP of width
+            ``num_shared_experts * hidden_dim`` and added to the output.
+        aux_loss_coef: weight of the Switch load-balancing loss.
+        z_loss_coef: weight of the ST-MoE router z-loss.
+        bias_update_rate: > 0 enables aux-loss-free balancing (DeepSeek-V3): a per-expert bias,
+            updated by :meth:`update_expert_bias` outside the forward, steers expert choice.
+        router_jitter: multiplicative input noise ``U(1-eps, 1+eps)`` for the router, training only.
+        normalize_weights: rescale each token's top-k weights to sum to 1 (``top_k > 1`` only).
+        expert: optional template ``nn.Module`` (D -> D), deep-copied and re-initialised per expert.
+        bias: give the stacked experts per-expert biases (as ``nn.Linear`` has).
+        check_finite: raise ``FloatingPointError`` when router logits are not finite (costs a sync).
+        device: where to create parameters (``"meta"`` builds without memory).
+        dtype: parameter dtype; the router still computes in float32.
+
+    Attributes:
+        aux_loss: balancing + z-loss of the last forward, coefficients applied, with graph.
+        tokens_per_expert: ``LongTensor[E]`` of the last forward, global expert ids, before drops.
+        dropped_tokens: token->expert assignments dropped by capacity in the last forward (expert
+            choice: routed tokens that no expert took).
+
+    Example:
+        >>> layer = MoE(dim=16, num_experts=4, top_k=2)
+        >>> layer(torch.randn(2, 3, 16)).shape
+        torch.Size([2, 3, 16])
+        >>> int(layer.tokens_per_expert.sum())
+        12
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int = 2,
+        hidden_dim: int | None = None,
+        activation: str = "gelu",
+        router: str = "token_choice",
+        score_func: str = "softmax",
+        capacity_factor: float | None = None,
+        num_shared_experts: int = 0,
+        aux_loss_coef: float = 1e-2,
+        z_loss_coef: float = 1e-3,
+        bias_update_rate: float = 0.0,
+        router_jitter: float = 0.0,
+        normalize_weights: bool = True,
+        expert: nn.Module | None = None,
+        bias: bool = False,
+        check_finite: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        hidden_dim = 4 * dim if hidden_dim is None and isinstance(dim, int) else hidden_dim
+        self._validate(dim, num_experts, top_k, hidden_dim, activation, router, score_func, capacity_factor,
+                       num_shared_experts, aux_loss_coef, z_loss_coef, bias_update_rate, router_jitter, expert)
+        self.dim = dim
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.hidden_dim = hidden_dim
+        self.activation = activation
+        self.router_type = router
+        self.score_func = score_func
+        self.capacity_factor = capacity_factor
+        self.num_shared_experts = num_shared_experts
+        self.aux_loss_coef = aux_loss_coef
+        self.z_loss_coef = z_loss_coef
+        self.bias_update_rate = bias_update_rate
+        self.router_jitter = router_jitter
+        self.normalize_weights = normalize_weights
+        self.check_finite = check_finite
+        self.layer_name: str | None = None  # set by MoELightningModule to the module path
+        factory = {"device": device, "dtype": dtype}
+
+        if router == "token_choice":
+            self.router: nn.Module = TokenChoiceRouter(
+                dim, num_experts, top_k, score_func, normalize_weights, router_jitter, bias_update_rate, **factory
+            )
+        else:
+            self.router = ExpertChoiceRouter(
+                dim, num_experts, top_k, capacity_factor or 1.0, score_func, router_jitter, **factory
+            )
+        if expert is None:
+            self.experts: nn.Module = GroupedExperts(num_experts, dim, hidden_dim, activation, bias=bias, **factory)
+        else:
+            self.experts = TemplateExperts(expert, num_experts)
+        self.shared_experts = (
+            GroupedExperts(1, dim, hidden_dim * num_shared_experts, activation, bias=bias, **factory)
+            if num_shared_experts
+            else None
+        )
+        # Installed from outside by the expert-parallel strategy; the layer knows no process group.
+        self.expert_dispatcher: ExpertDispatcher | None = None
+
+        stat_device = device
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long, device=stat_device),
+                             persistent=False)
+        self.register_buffer("dropped_tokens", torch.zeros((), dtype=torch.long, device=stat_device),
+                             persistent=False)
+        self.register_buffer("routed_tokens", torch.zeros((), dtype=torch.long, device=stat_device),
+                             persistent=False)
+        self.register_buffer("router_entropy", torch.zeros((), dtype=torch.float32, device=stat_device),
+                             persistent=False)
+        self._aux_loss: Tensor | None = None
+        self._load_balancing_loss: Tensor | None = None
+        self._z_loss: Tensor | None = None
+
+    def _validate(self, dim, num_experts, top_k, hidden_dim, activation, router, score_func, capacity_factor,
+                  num_shared_experts, aux_loss_coef, z_loss_coef, bias_update_rate, router_jitter, expert) -> None:
+        name = type(self).__name__
+        for arg, value in (("dim", dim), ("num_experts", num_experts), ("top_k", top_k), ("hidden_dim", hidden_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: {arg}={value!r} must be a positive int")
+        if top_k > num_experts:
+            raise ValueError(f"{name}: top_k={top_k} must be <= num_experts={num_experts}; lower top_k or add experts")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"{name}: activation={activation!r} must be one of {ACTIVATIONS}")
+        if router not in ROUTERS:
+            raise ValueError(f"{name}: router={router!r} must be one of {ROUTERS}")
+        if score_func not in MF.SCORE_FUNCS:
+            raise ValueError(f"{name}: score_func={score_func!r} must be one of {MF.SCORE_FUNCS}")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"{name}: capacity_factor={capacity_factor!r} must be > 0, or None for dropless routing")
+        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+            raise ValueError(f"{name}: num_shared_experts={num_shared_experts!r} must be an int >= 0")
+        for arg, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef),
+                           ("bias_update_rate", bias_update_rate), ("router_jitter", router_jitter)):
+            if not value >= 0:
+                raise ValueError(f"{name}: {arg}={value!r} must be >= 0 (0 disables it)")
+        if router_jitter >= 1:
+            raise ValueError(f"{name}: router_jitter={router_jitter!r} must be < 1 (noise is U(1-eps, 1+eps))")
+        if router == "expert_choice" and bias_update_rate > 0:
+            raise ValueError(f"{name}: bias_update_rate={bias_update_rate} needs router='token_choice'; "
+                             "expert choice is balanced by construction")
+        if expert is not None and not isinstance(expert, nn.Module):
+            raise ValueError(f"{name}: expert={type(expert).__name__} must be an nn.Module mapping dim -> dim")
+
+    def extra_repr(self) -> str:
+        drop = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
+        return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, router={self.router_type!r}, "
+                f"score_func={self.score_func!r}, {drop}, num_shared_experts={self.num_shared_experts}")
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """Balancing loss + z-loss of the last forward, coefficients applied (0 before any forward)."""
+        return self._aux_loss if self._aux_loss is not None else self._zero()
+
+    @property
+    def load_balancing_loss(self) -> Tensor:
+        return self._load_balancing_loss if self._load_balancing_loss is not None else self._zero()
+
+    @property
+    def z_loss(self) -> Tensor:
+        return self._z_loss if self._z_loss is not None else self._zero()
+
+    @property
+    def expert_bias(self) -> Tensor | None:
+        return getattr(self.router, "expert_bias", None)
+
+    def _zero(self) -> Tensor:
+        return torch.zeros((), device=self.tokens_per_expert.device)
+
+    def _name(self) -> str:
+        return self.layer_name or f"MoE(dim={self.dim}, num_experts={self.num_experts})"
+
+    @torch.no_grad()
+    def update_expert_bias(self, load: Tensor | None = None) -> None:
+        """Aux-loss-free balancing step: ``expert_bias += bias_update_rate * sign(mean(load) - load)``.
+
+        Args:
+            load: tokens per expert to balance, ``[num_experts]``; default the last forward's
+                ``tokens_per_expert``. :class:`MoELightningModule` passes the counts of the whole
+                optimizer step summed over data-parallel ranks.
+        """
+        if not isinstance(self.router, TokenChoiceRouter):
+            raise ValueError(f"{self._name()}: update_expert_bias needs router='token_choice'")
+        self.router.update_expert_bias(self.tokens_per_expert if load is None else load)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Route, run the experts and combine.
+
+        Args:
+            x: ``[..., dim]`` floating-point input.
+            padding_mask: optional bool ``[...]`` (``x.shape[:-1]``), True marks padding: those tokens
+                are not routed, counted or part of the losses, and their routed output is zero.
+
+        Returns:
+            ``[..., dim]``, the dtype of the expert computation.
+        """
+        if not torch.is_floating_point(x):
+            raise ValueError(f"{self._name()}: input dtype {x.dtype} must be floating point; cast with x.float()")
+        if x.ndim == 0 or x.shape[-1] != self.dim:
+            width = x.shape[-1] if x.ndim else "a 0-dim tensor"
+            raise ValueError(f"{self._name()}: input last dim {width} must equal dim={self.dim}")
+        x_TD = x.reshape(-1, self.dim)
+        valid_T = None
+        if padding_mask is not None:
+            if padding_mask.shape != x.shape[:-1]:
+                raise ValueError(f"{self._name()}: padding_mask shape {tuple(padding_mask.shape)} must equal "
+                                 f"x.shape[:-1]={tuple(x.shape[:-1])}")
+            valid_T = ~padding_mask.reshape(-1).to(torch.bool)
+
+        if self.router_type == "token_choice":
+            out_TD = self._token_choice(x_TD, valid_T)
+        else:
+            out_TD = self._expert_choice(x_TD, valid_T)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD, [x_TD.shape[0]])
+        return out_TD.reshape(x.shape)
+
+    def _token_choice(self, x_TD: Tensor, valid_T: Tensor | None) -> Tensor:
+        num_tokens = x_TD.shape[0]
+        routing = self.router(x_TD, valid_T)
+        self._check_finite(routing.logits_TE)
+        num_routed = num_tokens if valid_T is None else valid_T.sum()
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = MF.expert_capacity(self.capacity_factor, num_routed, self.top_k, self.num_experts)
+        # 1. Sort the T*K assignments (k-major) by expert; capacity drops overflow, deterministically.
+        order_N, _, counts_E, kept_counts_E = MF.sort_by_expert(routing.top_ids_TK, self.num_experts, capacity)
+        # NOTE: the one host sync of the layer: per-expert counts size the expert GEMMs.
+        kept_counts = kept_counts_E.tolist()
+        order_M = order_N[: sum(kept_counts)]
+        # 2. Gather tokens into one contiguous buffer grouped by expert (flat index n = k*T + t).
+        token_M = order_M % num_tokens if num_tokens else order_M
+        weights_M = routing.top_weights_TK.t().reshape(-1)[order_M]
+        y_MD = self._run_experts(x_TD[token_M], kept_counts_E, kept_counts)
+        # 3. Weighted sum back per token; dropped assignments contribute nothing.
+        out_TD = self._combine(y_MD, token_M, weights_M, num_tokens)
+
+        probs_TE = routing.scores_TE
+        if self.score_func == "sigmoid":
+            probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        balance = MF.load_balancing_loss(probs_TE, counts_E, num_routed, self.top_k, valid_T)
+        self._set_losses(balance, MF.z_loss(routing.logits_TE, valid_T))
+        self._record(counts_E, counts_E.sum() - kept_counts_E.sum(), num_routed, routing.scores_TE, valid_T)
+        return out_TD
+
+    def _expert_choice(self, x_TD: Tensor, valid_T: Tensor | None) -> Tensor:
+        num_tokens = x_TD.shape[0]
+        routing = self.router(x_TD, valid_T)
+        self._check_finite(routing.logits_TE)
+        token_M = routing.token_ids_EC.reshape(-1)
+        weights_M = routing.weights_EC.reshape(-1)
+        capacity = routing.token_ids_EC.shape[1]
+        counts_E = routing.chosen_EC.sum(dim=1)
+        kept_counts_E = torch.full_like(counts_E, capacity)
+        y_MD = self._run_experts(x_TD[token_M], kept_counts_E, [capacity] * self.num_experts)
+        out_TD = self._combine(y_MD, token_M, weights_M, num_tokens)
+
+        with torch.no_grad():
+            taken_T = torch.zeros(num_tokens, device=x_TD.device, dtype=torch.long)
+            taken_T.index_add_(0, token_M, routing.chosen_EC.reshape(-1).long())
+            untaken_T = taken_T == 0 if valid_T is None else (taken_T == 0) & valid_T
+        num_routed = num_tokens if valid_T is None else valid_T.sum()
+        self._set_losses(None, MF.z_loss(routing.logits_TE, valid_T))
+        self._record(counts_E, untaken_T.sum(), num_routed, routing.scores_TE, valid_T)
+        return out_TD
+
+    def _run_experts(self, x_MD: Tensor, kept_counts_E: Tensor, kept_counts: Sequence[int]) -> Tensor:
+        if self.expert_dispatcher is not None:
+            return self.expert_dispatcher(x_MD, kept_counts_E, self.experts)
+        return self.experts(x_MD, kept_counts)
+
+    @staticmethod
+    def _combine(y_MD: Tensor, token_M: Tensor, weights_M: Tensor, num_tokens: int) -> Tensor:
+        out_TD = y_MD.new_zeros((num_tokens, y_MD.shape[-1]))
+        return out_TD.index_add(0, token_M, y_MD * weights_M.to(y_MD.dtype)[:, None])
+
+    def _check_finite(self, logits_TE: Tensor) -> None:
+        if self.check_finite and not bool(torch.isfinite(logits_TE).all()):
+            raise FloatingPointError(
+                f"{self._name()}: router logits are not finite (NaN/inf in the input or router weights); "
+                "check the layer input, lower the learning rate, or use NonFiniteGuard"
+            )
+
+    def _set_losses(self, balance: Tensor | None, z: Tensor) -> None:
+        z_loss = self.z_loss_coef * z
+        balance_loss = z_loss * 0 if balance is None else self.aux_loss_coef * balance
+        self._load_balancing_loss = balance_loss
+        self._z_loss = z_loss
+        self._aux_loss = balance_loss + z_loss
+
+    @torch.no_grad()
+    def _record(self, counts_E: Tensor, dropped: Tensor, num_routed, scores_TE: Tensor, valid_T) -> None:
+        self.tokens_per_expert.copy_(counts_E)
+        self.dropped_tokens.copy_(dropped)
+        self.routed_tokens.fill_(num_routed) if isinstance(num_routed, int) else self.routed_tokens.copy_(num_routed)
+        self.router_entropy.copy_(MF.routing_entropy(scores_TE, valid_T))
