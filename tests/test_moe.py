@@ -7,10 +7,10 @@ import time
 
 import pytest
 import torch
+from reference import reference_moe
 from torch import nn
 
 from lightning_moe import MoE
-from reference import reference_moe
 
 ROUTING_OPTIONS = [
     dict(top_k=1),
@@ -35,7 +35,8 @@ def _ids(option):
 
 
 def _grads(layer, x):
-    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in layer.parameters()] + [x.grad.clone()]
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in layer.parameters()]
+    return grads + [x.grad.clone()]
 
 
 @pytest.mark.parametrize("option", ROUTING_OPTIONS, ids=[_ids(o) for o in ROUTING_OPTIONS])
@@ -58,7 +59,7 @@ def test_fast_path_matches_reference_outputs_and_grads(option, padded):
     ref = _grads(layer, x)
 
     torch.testing.assert_close(y, y_ref)
-    for g_fast, g_ref in zip(fast, ref):
+    for g_fast, g_ref in zip(fast, ref, strict=True):
         torch.testing.assert_close(g_fast, g_ref)
 
 

@@ -12,7 +12,6 @@ Shape legend (suffixes on tensor names):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 SCORE_FUNCS = ("softmax", "sigmoid")
