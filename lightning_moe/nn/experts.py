@@ -195,9 +195,8 @@ class TemplateExperts(nn.Module):
     def forward(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
         if len(counts) != self.num_experts:
             raise ValueError(f"{type(self).__name__}: got {len(counts)} counts for {self.num_experts} experts")
-        outputs = [
-            expert(x_CD) for expert, x_CD in zip(self.experts, torch.split(x_MD, list(counts)), strict=True) if x_CD.shape[0] > 0
-        ]
+        slices = torch.split(x_MD, list(counts))
+        outputs = [expert(x_CD) for expert, x_CD in zip(self.experts, slices, strict=True) if x_CD.shape[0] > 0]
         if not outputs:
             return _empty_output(x_MD, x_MD.shape[-1], self.parameters())
         return torch.cat(outputs)
