@@ -5,7 +5,9 @@ Subclass :class:`MoELightningModule`, put :class:`MoE` layers in your model, and
 """
 
 from lightning_moe.nn import ExpertChoiceRouter, GroupedExperts, MoE, TemplateExperts, TokenChoiceRouter
+from lightning_moe.upcycle import UpcycleReport, upcycle
 
 __version__ = "0.1.0"
 
-__all__ = ["ExpertChoiceRouter", "GroupedExperts", "MoE", "TemplateExperts", "TokenChoiceRouter", "__version__"]
+__all__ = ["ExpertChoiceRouter", "GroupedExperts", "MoE", "TemplateExperts", "TokenChoiceRouter", "UpcycleReport", "__version__",
+           "upcycle"]
