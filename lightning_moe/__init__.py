@@ -9,5 +9,5 @@ from lightning_moe.upcycle import UpcycleReport, upcycle
 
 __version__ = "0.1.0"
 
-__all__ = ["ExpertChoiceRouter", "GroupedExperts", "MoE", "TemplateExperts", "TokenChoiceRouter", "UpcycleReport", "__version__",
-           "upcycle"]
+__all__ = ["ExpertChoiceRouter", "GroupedExperts", "MoE", "TemplateExperts", "TokenChoiceRouter",
+           "UpcycleReport", "__version__", "upcycle"]
