@@ -1,0 +1,216 @@
+"""``ExpertLoadMonitor``: a heatmap of where the tokens go (MoE layers x experts), every N steps.
+
+Between renders it only adds the counts the layers already keep (``tokens_per_expert``,
+``dropped_tokens``, ``routed_tokens``) to an accumulator on their device: no host sync on the hot
+path. A render sums the accumulators over processes (one all-reduce), draws on rank 0 with
+matplotlib (Agg canvas, no display) and sends the picture to the trainer's loggers.
+
+Shape legend: L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from lightning_moe.nn.moe import MoE
+
+_INSTALL_HINT = "pip install 'lightning-moe[examples]'"
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"ExpertLoadMonitor draws its heatmaps with matplotlib, which is not installed; "
+            f"install the extra: {_INSTALL_HINT}"
+        ) from err
+
+
+class ExpertLoadMonitor(Callback):
+    """Every ``every_n_steps`` optimizer steps, render the share of tokens each expert received.
+
+    The picture has one row per MoE layer (found by type in any LightningModule) and one column per
+    expert, coloured by the layer's share of token->expert assignments since the last render
+    (counted before capacity drops), with the share of dropped assignments per layer beside it.
+    It goes to every logger that takes images: ``TensorBoardLogger`` (``add_image``) and loggers
+    with ``log_image`` (e.g. ``WandbLogger``). When none does (or ``save_png=True``), it is written
+    as ``<log_dir>/expert_load/step_<step>.png`` (``trainer.log_dir``, else ``default_root_dir``).
+    A last picture covers the steps after the last render when training ends.
+
+    Args:
+        every_n_steps: render every this many optimizer steps (``trainer.global_step``).
+        tag: image name in the loggers.
+        save_png: True: always write PNGs; False: never; None: only when no logger takes images.
+        figsize: figure size in inches; default grows with layers and experts.
+        dpi: dots per inch; the image is ``figsize * dpi`` pixels.
+        cmap: matplotlib colour map of the heatmap.
+
+    Raises:
+        ModuleNotFoundError: matplotlib is missing (``pip install 'lightning-moe[examples]'``).
+        ValueError: a non-positive ``every_n_steps`` or ``dpi``, or a bad ``figsize``.
+
+    Example:
+        >>> from lightning_moe.callbacks import ExpertLoadMonitor
+        >>> monitor = ExpertLoadMonitor(every_n_steps=50)
+        >>> # Trainer(callbacks=[monitor], ...)
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        tag: str = "moe/expert_load",
+        save_png: bool | None = None,
+        figsize: tuple[float, float] | None = None,
+        dpi: int = 100,
+        cmap: str = "viridis",
+    ) -> None:
+        _require_matplotlib()
+        name = type(self).__name__
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps <= 0:
+            raise ValueError(f"{name}: every_n_steps={every_n_steps!r} must be a positive int")
+        if not isinstance(dpi, int) or dpi <= 0:
+            raise ValueError(f"{name}: dpi={dpi!r} must be a positive int")
+        if figsize is not None and (len(figsize) != 2 or not all(s > 0 for s in figsize)):
+            raise ValueError(f"{name}: figsize={figsize!r} must be (width, height) in inches, both > 0")
+        self.every_n_steps = every_n_steps
+        self.tag = tag
+        self.save_png = save_png
+        self.figsize = figsize
+        self.dpi = dpi
+        self.cmap = cmap
+        self.last_png: str | None = None  # path of the last PNG written
+        self._reset([])
+
+    def _reset(self, layers: list[tuple[str, MoE]]) -> None:
+        self._layers = layers
+        self._seen: list[Tensor | None] = [layer._aux_loss for _, layer in layers]
+        self._counts: Tensor | None = None  # [sum_l E_l] token->expert assignments per expert
+        self._dropped: Tensor | None = None  # [L]
+        self._assignments: Tensor | None = None  # [L]
+        self._batches = 0
+        self._last_step = -1
+
+    @staticmethod
+    def _find_layers(pl_module: LightningModule) -> list[tuple[str, MoE]]:
+        return [(name, module) for name, module in pl_module.named_modules() if isinstance(module, MoE)]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._reset(self._find_layers(pl_module))
+
+    @torch.no_grad()
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._layers:
+            return
+        # A layer counts when it ran since the last batch (its last-forward loss tensor is new).
+        ran = [layer._aux_loss is not None and layer._aux_loss is not seen
+               for (_, layer), seen in zip(self._layers, self._seen, strict=True)]
+        self._seen = [layer._aux_loss for _, layer in self._layers]
+        counts = torch.cat([layer.tokens_per_expert * r for (_, layer), r in zip(self._layers, ran, strict=True)])
+        dropped = torch.stack([layer.dropped_tokens * r for (_, layer), r in zip(self._layers, ran, strict=True)])
+        assignments = torch.stack([
+            layer.routed_tokens * (layer.top_k if layer.router_type == "token_choice" else 1) * r
+            for (_, layer), r in zip(self._layers, ran, strict=True)
+        ])
+        if self._counts is None:
+            self._counts, self._dropped, self._assignments = counts, dropped, assignments
+        else:
+            self._counts += counts
+            self._dropped += dropped
+            self._assignments += assignments
+        self._batches += 1
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._render(trainer, pl_module, step)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._batches and self._counts is not None:
+            self._render(trainer, pl_module, trainer.global_step)
+
+    # -- rendering -------------------------------------------------------------------------------
+
+    def _render(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        layers = self._layers
+        state = torch.cat([self._counts, self._dropped, self._assignments])
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(state, op=dist.ReduceOp.SUM)
+        loggers = [lg for lg in trainer.loggers
+                   if isinstance(lg, TensorBoardLogger) or callable(getattr(lg, "log_image", None))]
+        write_png = self.save_png or (self.save_png is None and not loggers)
+        # trainer.log_dir broadcasts: every rank calls it.
+        log_dir = (trainer.log_dir or trainer.default_root_dir) if write_png else None
+        # Layers may have been added (upcycling) since training started: pick them up for the next window.
+        self._reset(self._find_layers(pl_module))
+        self._last_step = step
+        if not trainer.is_global_zero:
+            return
+        sizes = [layer.num_experts for _, layer in layers]
+        counts_L = [c.cpu() for c in state[: sum(sizes)].split(sizes)]
+        dropped_L = state[sum(sizes): sum(sizes) + len(layers)].cpu()
+        assignments_L = state[sum(sizes) + len(layers):].cpu()
+        image = self.render(
+            [name for name, _ in layers], counts_L, dropped_L.double() / assignments_L.clamp_min(1).double(), step
+        )
+        for logger in loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(self.tag, image, global_step=step, dataformats="HWC")
+            else:
+                logger.log_image(key=self.tag, images=[image], step=step)
+        if log_dir is not None:
+            import matplotlib.image
+
+            path = os.path.join(log_dir, "expert_load", f"step_{step:07d}.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            matplotlib.image.imsave(path, image)
+            self.last_png = path
+
+    def render(self, names: list[str], counts: list[Tensor], dropped_share: Tensor, step: int) -> Any:
+        """Draw the heatmap.
+
+        Args:
+            names: layer names (rows).
+            counts: per layer, assignments per expert ``[E_l]``.
+            dropped_share: per layer, dropped share of assignments ``[L]``.
+            step: the global step, for the title.
+
+        Returns:
+            ``numpy.ndarray`` ``uint8 [height, width, 3]``, ``figsize * dpi`` pixels.
+        """
+        import numpy as np
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        num_layers, max_experts = len(counts), max(int(c.numel()) for c in counts)
+        share_LE = np.full((num_layers, max_experts), np.nan)
+        for i, c in enumerate(counts):  # once per render, not per step
+            c = c.double()
+            share_LE[i, : c.numel()] = (c / c.sum().clamp_min(1)).numpy()
+        figsize = self.figsize or (min(4.0 + 0.3 * max_experts, 24.0), min(1.8 + 0.35 * num_layers, 24.0))
+        fig = Figure(figsize=figsize, dpi=self.dpi)
+        canvas = FigureCanvasAgg(fig)
+        grid = fig.add_gridspec(1, 2, width_ratios=(4, 1), wspace=0.05)
+        ax = fig.add_subplot(grid[0])
+        heat = ax.imshow(share_LE, aspect="auto", cmap=self.cmap, vmin=0.0, interpolation="nearest")
+        ax.set_yticks(range(num_layers), labels=[n[-24:] for n in names], fontsize=7)
+        ax.set_xlabel("expert")
+        ax.set_title(f"share of tokens per expert, step {step}", fontsize=9)
+        fig.colorbar(heat, ax=ax, fraction=0.05, pad=0.01)
+        side = fig.add_subplot(grid[1], sharey=ax)
+        side.barh(range(num_layers), dropped_share.numpy(), color="tab:red")
+        side.set_xlim(0.0, max(float(dropped_share.max()) if num_layers else 0.0, 0.01) * 1.15)
+        side.set_xlabel("dropped", fontsize=8)
+        side.tick_params(labelleft=False, labelsize=7)
+        canvas.draw()
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+__all__ = ["ExpertLoadMonitor"]
