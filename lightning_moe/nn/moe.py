@@ -180,6 +180,13 @@ class MoE(nn.Module):
         return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, router={self.router_type!r}, "
                 f"score_func={self.score_func!r}, {drop}, num_shared_experts={self.num_shared_experts}")
 
+    def __getstate__(self) -> dict:
+        # The last forward's losses are non-leaf tensors with a graph: copy.deepcopy and pickle
+        # refuse them, so a copy starts as a fresh layer does (losses read 0 until its forward).
+        state = self.__dict__.copy()
+        state.update(_aux_loss=None, _load_balancing_loss=None, _z_loss=None)
+        return state
+
     @property
     def aux_loss(self) -> Tensor:
         """Balancing loss + z-loss of the last forward, coefficients applied (0 before any forward)."""
