@@ -1,0 +1,116 @@
+"""Compression callbacks: quantize or factor the experts at the end of fit or before test.
+
+Thin callbacks over :func:`lightning_moe.compress.quantize_experts` and
+:func:`lightning_moe.compress.low_rank_experts`, so ``trainer.test`` measures the compressed
+model on the Trainer the user already has.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from lightning_moe.compress import CompressionReport, low_rank_experts, quantize_experts
+
+APPLY_ON = ("fit_end", "test_start")
+
+
+class _CompressExperts(Callback):
+    def __init__(self, apply_on: str) -> None:
+        if apply_on not in APPLY_ON:
+            raise ValueError(f"{type(self).__name__}: apply_on={apply_on!r} must be one of {APPLY_ON}")
+        self.apply_on = apply_on
+        self.report: CompressionReport | None = None
+
+    def compress(self, module: nn.Module) -> CompressionReport:
+        raise NotImplementedError
+
+    def _apply(self, pl_module: pl.LightningModule) -> None:
+        report = self.compress(pl_module)
+        if report.layers or self.report is None:  # a second call finds nothing left to compress
+            self.report = report
+        if report.layers:
+            rank_zero_info(f"{type(self).__name__}: {report}")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.apply_on == "fit_end":
+            self._apply(pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.apply_on == "test_start":
+            self._apply(pl_module)
+
+
+class ExpertQuantization(_CompressExperts):
+    """Weight-only int8 quantization of every expert bank, at the end of fit or before test.
+
+    See :func:`lightning_moe.compress.quantize_experts`. The result is in ``report`` (bytes per
+    bank before and after; about 4x smaller float32 experts) and is logged on rank 0. Under expert
+    parallelism each rank quantizes the experts it holds. Inference only: quantized experts have
+    no trainable weights, so quantize after the last ``fit``.
+
+    Args:
+        bits: 8.
+        apply_on: ``"test_start"`` (default: ``trainer.test`` quantizes, then measures) or
+            ``"fit_end"`` (quantize when ``fit`` finishes).
+        include_shared: quantize shared experts too.
+        kernel: ``"dequant"`` or ``"int8_mm"``.
+
+    Raises:
+        ValueError: for ``bits != 8`` or an unknown ``apply_on``.
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[ExpertQuantization()])  # doctest: +SKIP
+        >>> trainer.fit(model); trainer.test(model)  # test measures the int8 experts  # doctest: +SKIP
+    """
+
+    def __init__(self, bits: int = 8, apply_on: str = "test_start", include_shared: bool = True,
+                 kernel: str = "dequant") -> None:
+        super().__init__(apply_on)
+        if bits != 8:
+            raise ValueError(f"{type(self).__name__}: bits={bits} must be 8; only int8 weight-only quantization is "
+                             "implemented")
+        self.bits = bits
+        self.include_shared = include_shared
+        self.kernel = kernel
+
+    def compress(self, module: nn.Module) -> CompressionReport:
+        return quantize_experts(module, self.bits, self.include_shared, self.kernel)
+
+
+class LowRankExperts(_CompressExperts):
+    """Truncated-SVD factorization of every expert weight, at the end of fit or before test.
+
+    See :func:`lightning_moe.compress.low_rank_experts`; the saving is in ``report``. The factors
+    are trainable parameters: with ``apply_on="fit_end"`` a later ``fit`` (with a fresh optimizer)
+    fine-tunes the compressed model.
+
+    Args:
+        rank: fixed rank for every weight, or None to pick it by ``energy``.
+        energy: fraction of squared singular values each expert weight keeps, in (0, 1].
+        apply_on: ``"test_start"`` (default) or ``"fit_end"``.
+        include_shared: factor shared experts too.
+
+    Raises:
+        ValueError: for ``rank < 1``, ``energy`` outside (0, 1] or an unknown ``apply_on``.
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[LowRankExperts(energy=0.95)])  # doctest: +SKIP
+    """
+
+    def __init__(self, rank: int | None = None, energy: float = 0.9, apply_on: str = "test_start",
+                 include_shared: bool = True) -> None:
+        super().__init__(apply_on)
+        if rank is not None and (not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"{type(self).__name__}: rank={rank!r} must be a positive int, or None to choose by "
+                             "energy")
+        if not 0 < energy <= 1:
+            raise ValueError(f"{type(self).__name__}: energy={energy!r} must be in (0, 1], e.g. 0.9")
+        self.rank = rank
+        self.energy = energy
+        self.include_shared = include_shared
+
+    def compress(self, module: nn.Module) -> CompressionReport:
+        return low_rank_experts(module, self.rank, self.energy, self.include_shared)
