@@ -312,7 +312,10 @@ class MoE(nn.Module):
     @staticmethod
     def _combine(y_MD: Tensor, token_M: Tensor, weights_M: Tensor, num_tokens: int) -> Tensor:
         out_TD = y_MD.new_zeros((num_tokens, y_MD.shape[-1]))
-        return out_TD.index_add(0, token_M, y_MD * weights_M.to(y_MD.dtype)[:, None])
+        # NOTE: scatter_add, not index_add: index_add's backward keeps its [M, D] source alive (a third
+        # copy of the routed rows next to the expert input and output); scatter_add keeps only the index.
+        index_MD = token_M[:, None].expand(-1, y_MD.shape[-1])
+        return out_TD.scatter_add(0, index_MD, y_MD * weights_M.to(y_MD.dtype)[:, None])
 
     def _check_finite(self, logits_TE: Tensor) -> None:
         if self.check_finite and not bool(torch.isfinite(logits_TE).all()):
