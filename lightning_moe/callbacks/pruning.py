@@ -1,0 +1,452 @@
+"""Pruning callbacks: drop whole experts that routing rarely uses, or prune weights inside experts.
+
+* :class:`ExpertPruning` removes the least-used experts of every layer (router rows and expert
+  weights), from token counts accumulated during training, and keeps training.
+* :class:`ExpertMagnitudePruning` is Lightning's :class:`~lightning.pytorch.callbacks.ModelPruning`
+  restricted to expert weights, with a per-expert hidden-neuron (structured) mode.
+
+Shape legend: E experts (global), D model width, H expert hidden width, K kept experts.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelPruning
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import prune as torch_prune
+
+from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
+from lightning_moe.nn.moe import MoE
+
+# old parameter id -> (old parameter, new parameter or None when removed, kept rows or None)
+_Remap = dict[int, tuple[nn.Parameter, "nn.Parameter | None", "Tensor | None"]]
+
+
+def _moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
+
+
+def _expert_parallel_size(trainer: pl.Trainer) -> int:
+    return int(getattr(trainer.strategy, "expert_parallel_size", 1) or 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Removing experts from a layer
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def remove_experts(layer: MoE, keep_E: Tensor) -> _Remap:
+    """Keep only the experts ``keep_E`` (global ids) of ``layer``, in place; the others are gone.
+
+    Router rows (``gate.weight``, ``expert_bias``), expert weights (every tensor of a stacked bank
+    whose first dim is the expert, pruning masks and compressed banks included, or the modules of
+    :class:`TemplateExperts`) and the layer's stat buffers shrink to ``K`` experts, renumbered
+    ``0..K-1`` in their old order. ``top_k`` is clamped to ``K`` with a warning.
+
+    Args:
+        layer: an unsharded MoE layer (``layer.experts`` holds every expert).
+        keep_E: ids of the experts to keep (any order, unique).
+
+    Returns:
+        For the optimizer: old parameter id -> ``(old, new or None, kept rows or None)``.
+
+    Raises:
+        ValueError: when the layer is sharded or ``keep_E`` is empty or out of range.
+    """
+    name = layer._name()
+    bank = layer.experts
+    if bank.num_experts != layer.num_experts:
+        raise ValueError(f"ExpertPruning: layer {name} holds {bank.num_experts} of its {layer.num_experts} experts "
+                         "(sharded by expert parallelism); prune with expert_parallel_size=1")
+    keep_K = torch.as_tensor(keep_E, dtype=torch.long).flatten().unique(sorted=True).cpu()
+    if keep_K.numel() == 0 or int(keep_K.min()) < 0 or int(keep_K.max()) >= layer.num_experts:
+        raise ValueError(f"ExpertPruning: keep={keep_K.tolist()} must be non-empty expert ids of layer {name} "
+                         f"(0..{layer.num_experts - 1})")
+    old_e, k = layer.num_experts, keep_K.numel()
+    remap: _Remap = {}
+
+    def shrink_param(module: nn.Module, attr: str) -> None:
+        old = module._parameters[attr]
+        rows = keep_K.to(old.device)
+        new = nn.Parameter(old.detach().index_select(0, rows).clone(), requires_grad=old.requires_grad)
+        module._parameters[attr] = new
+        remap[id(old)] = (old, new, rows)
+
+    def shrink_buffer(module: nn.Module, attr: str) -> None:
+        old = module._buffers[attr]
+        module._buffers[attr] = old.index_select(0, keep_K.to(old.device)).clone()
+
+    # 1. Router: one gate row (and bias entry) per expert.
+    router = layer.router
+    shrink_param(router.gate, "weight")
+    router.gate.out_features = k
+    if getattr(router, "expert_bias", None) is not None:
+        shrink_buffer(router, "expert_bias")
+    router.num_experts = k
+
+    # 2. Experts: every per-expert tensor, or the per-expert modules.
+    if isinstance(bank, TemplateExperts):
+        kept = set(keep_K.tolist())
+        for e, module in enumerate(bank.experts):
+            if e not in kept:
+                remap.update({id(p): (p, None, None) for p in module.parameters()})
+        bank.experts = nn.ModuleList(bank.experts[e] for e in keep_K.tolist())
+    else:
+        for attr, p in list(bank._parameters.items()):
+            if p is not None and p.dim() and p.shape[0] == old_e:
+                shrink_param(bank, attr)
+        for attr, b in list(bank._buffers.items()):
+            if b is not None and b.dim() and b.shape[0] == old_e:
+                shrink_buffer(bank, attr)
+    bank.num_experts = k
+
+    # 3. Layer: size, stat buffers, top_k.
+    layer.num_experts = k
+    for attr in ("tokens_per_expert",):
+        shrink_buffer(layer, attr)
+    if layer.top_k > k:
+        rank_zero_warn(f"ExpertPruning: layer {name} keeps {k} experts < top_k={layer.top_k}; top_k is now {k}")
+        layer.top_k = k
+        router.top_k = k
+    return remap
+
+
+def _remap_optimizers(optimizers: Sequence[torch.optim.Optimizer], remap: _Remap) -> None:
+    """Point optimizers at the new parameters, keeping the state (momentum, Adam moments) of kept rows."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            params = []
+            for p in group["params"]:
+                if id(p) not in remap:
+                    params.append(p)
+                    continue
+                old, new, rows = remap[id(p)]
+                state = optimizer.state.pop(old, None)
+                if new is None:
+                    continue
+                if state:
+                    optimizer.state[new] = {
+                        key: value.index_select(0, rows).clone()
+                        if isinstance(value, Tensor) and value.shape == old.shape else value
+                        for key, value in state.items()
+                    }
+                params.append(new)
+            group["params"] = params
+
+
+def choose_experts(
+    counts_E: Tensor, keep: int | float | None, min_share: float | None, top_k: int, multiple_of: int = 1
+) -> tuple[Tensor, list[str]]:
+    """Which experts to keep, most used first.
+
+    Keeps the ``keep`` most used experts (``int``, or a fraction of E as ``float``) and drops any
+    whose share of the token->expert assignments is below ``min_share``; then raises the count to
+    at least ``top_k`` and to a multiple of ``multiple_of`` (more experts kept, never fewer than asked).
+
+    Args:
+        counts_E: assignments per expert over the counting window.
+        keep: experts to keep (int >= 1) or fraction of E (float in (0, 1]); None: no limit.
+        min_share: minimum share of assignments to stay; None: no threshold.
+        top_k: the layer's top_k (a layer needs at least that many experts).
+        multiple_of: the expert-parallel size.
+
+    Returns:
+        ``(keep_K sorted ascending, notes)``; notes say when the count was raised.
+    """
+    num_experts = counts_E.numel()
+    counts_E = counts_E.detach().double().cpu()
+    order_E = torch.sort(counts_E, descending=True, stable=True).indices  # ties: lower id first
+    target = num_experts
+    if keep is not None:
+        target = keep if isinstance(keep, int) else max(1, math.floor(keep * num_experts + 1e-9))
+    if min_share is not None:
+        share_E = counts_E / counts_E.sum().clamp_min(1)
+        target = min(target, int((share_E >= min_share).sum()))
+    notes = []
+    wanted = max(target, top_k, 1)
+    if wanted != target:
+        notes.append(f"kept {wanted} (top_k={top_k}) instead of {target}")
+    rounded = min(num_experts, math.ceil(wanted / multiple_of) * multiple_of)
+    if rounded != wanted:
+        notes.append(f"kept {rounded} (a multiple of expert_parallel_size={multiple_of}) instead of {wanted}")
+    return order_E[:rounded].sort().values, notes
+
+
+class ExpertPruning(Callback):
+    """Remove the least-used experts of every MoE layer once, at the end of epoch ``at_epoch``.
+
+    During training the callback sums each layer's ``tokens_per_expert`` after every training
+    batch (device tensors, no sync). At the end of epoch ``at_epoch`` the counts are summed over
+    ranks (one all-reduce) and every layer keeps its ``keep`` most used experts and those with at
+    least ``min_share`` of the assignments (both criteria apply when both are given). Router rows,
+    ``expert_bias`` entries and expert weights of the others are removed and ``num_experts``
+    updated; optimizers are pointed at the new parameters in place, keeping the state
+    (momentum, Adam moments) of the kept experts and leaving learning-rate schedulers untouched, so
+    training simply continues. Under DDP the model is re-wrapped (parameter shapes changed).
+
+    A layer never keeps fewer than ``top_k`` experts, and under ``strategy="moe"`` every count is
+    raised to a multiple of ``trainer.strategy.expert_parallel_size``. Sharded layers
+    (``expert_parallel_size > 1``) are refused with a clear error: pruning reshapes the full
+    logical layer, so prune with ``expert_parallel_size=1`` (single device or DDP) and resume.
+
+    Counts are those of the last forward of each layer in each training batch; ``counts`` holds
+    the window, ``kept`` the kept global ids of each layer after pruning.
+
+    Args:
+        keep: experts to keep per layer (int >= 1) or fraction of the layer's experts (float in (0, 1]).
+        min_share: drop experts below this share of the layer's assignments (in [0, 1)).
+        at_epoch: epoch (0-based) at whose end to prune.
+
+    Raises:
+        ValueError: for bad arguments (neither ``keep`` nor ``min_share``, out of range).
+
+    Example:
+        >>> trainer = pl.Trainer(max_epochs=3, callbacks=[ExpertPruning(keep=0.5, at_epoch=0)])  # doctest: +SKIP
+    """
+
+    def __init__(self, keep: int | float | None = None, min_share: float | None = None, at_epoch: int = 0) -> None:
+        name = type(self).__name__
+        if keep is None and min_share is None:
+            raise ValueError(f"{name}: give keep=<experts or fraction> and/or min_share=<share>; both are None")
+        if keep is not None and not (
+            (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1)
+            or (isinstance(keep, float) and 0 < keep <= 1)
+        ):
+            raise ValueError(f"{name}: keep={keep!r} must be an int >= 1 or a float in (0, 1]")
+        if min_share is not None and not 0 <= min_share < 1:
+            raise ValueError(f"{name}: min_share={min_share!r} must be in [0, 1), e.g. 0.02")
+        if not isinstance(at_epoch, int) or at_epoch < 0:
+            raise ValueError(f"{name}: at_epoch={at_epoch!r} must be an int >= 0")
+        self.keep = keep
+        self.min_share = min_share
+        self.at_epoch = at_epoch
+        self.counts: dict[str, Tensor] = {}
+        self.kept: dict[str, list[int]] = {}
+        self._last_seen: dict[str, Any] = {}
+        self._done = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._done:
+            return
+        for name, layer in _moe_layers(pl_module):
+            loss = layer._aux_loss
+            seen = self._last_seen.get(name)
+            if loss is None or (seen is not None and seen() is loss):  # the layer did not run in this batch
+                continue
+            self._last_seen[name] = weakref.ref(loss)
+            counts = layer.tokens_per_expert.detach()
+            if name not in self.counts or self.counts[name].shape != counts.shape:
+                self.counts[name] = torch.zeros_like(counts)
+            self.counts[name] += counts
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._done and trainer.current_epoch == self.at_epoch:
+            self.prune(trainer, pl_module)
+
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[int]]:
+        """Prune every layer now from the counts so far (all ranks must call it); returns the kept ids."""
+        layers = _moe_layers(pl_module)
+        ep = _expert_parallel_size(trainer)
+        for name, layer in layers:  # refuse before changing anything
+            if layer.experts.num_experts != layer.num_experts:
+                raise ValueError(
+                    f"{type(self).__name__}: layer {name!r} holds {layer.experts.num_experts} of its "
+                    f"{layer.num_experts} experts (expert_parallel_size={ep}); pruning sharded layers is not "
+                    "supported: prune with expert_parallel_size=1 (one device or DDP), then resume with more"
+                )
+        if not layers:
+            return {}
+        counts_LE = [self.counts.get(name, torch.zeros_like(layer.tokens_per_expert)) for name, layer in layers]
+        flat = torch.cat([c.to(layers[0][1].tokens_per_expert.device) for c in counts_LE]).double()
+        flat = trainer.strategy.reduce(flat, reduce_op="sum")  # every rank prunes the same experts
+        remap: _Remap = {}
+        offset = 0
+        for name, layer in layers:
+            counts_E = flat[offset:offset + layer.num_experts]
+            offset += layer.num_experts
+            keep_K, notes = choose_experts(counts_E, self.keep, self.min_share, layer.top_k, ep)
+            for note in notes:
+                rank_zero_warn(f"{type(self).__name__}: layer {name!r}: {note}")
+            before = layer.num_experts
+            if keep_K.numel() < before:
+                remap.update(remove_experts(layer, keep_K))
+            self.kept[name] = keep_K.tolist()
+            share = counts_E[keep_K.to(counts_E.device)].sum() / counts_E.sum().clamp_min(1)
+            rank_zero_info(f"{type(self).__name__}: layer {name!r}: {before} -> {layer.num_experts} experts, "
+                           f"kept {float(share):.1%} of the routed assignments")
+        if remap:
+            _remap_optimizers(trainer.optimizers, remap)
+            self._rewrap_ddp(trainer)
+        self.counts.clear()
+        self._last_seen.clear()
+        self._done = True
+        return dict(self.kept)
+
+    @staticmethod
+    def _rewrap_ddp(trainer: pl.Trainer) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy.model, DistributedDataParallel) and hasattr(strategy, "configure_ddp"):
+            # DDP's reducer holds the old parameters and bucket sizes: build it again.
+            strategy.model = strategy.lightning_module
+            strategy.configure_ddp()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self._done, "kept": self.kept, "counts": {k: v.cpu() for k, v in self.counts.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._done = state_dict.get("done", False)
+        self.kept = dict(state_dict.get("kept", {}))
+        self.counts = dict(state_dict.get("counts", {}))
+
+
+# ------------------------------------------------------------------------------------------------
+# Magnitude pruning of expert weights
+# ------------------------------------------------------------------------------------------------
+
+
+def hidden_unit_mask(bank: GroupedExperts, amount: int | float) -> Tensor:
+    """Per-expert hidden-neuron mask ``[E, H]`` (1 keep, 0 pruned) by L1 importance.
+
+    Unit ``h`` of expert ``e`` weighs ``|w1[e, :, h]|_1 + |w3[e, :, h]|_1 + |w2[e, h, :]|_1`` (of
+    the current, already masked weights). Each expert prunes ``amount`` of its units still alive
+    (a float fraction, torch's iterative semantics) or ``amount`` more units (int); units pruned
+    before stay pruned.
+    """
+    w1, w2, w3 = bank.w1, bank.w2, bank.w3  # the masked weights when the bank is already pruned
+    importance_EH = w1.detach().abs().sum(1) + w2.detach().abs().sum(2)
+    if w3 is not None:
+        importance_EH = importance_EH + w3.detach().abs().sum(1)
+    mask = getattr(bank, "w1_mask", None)
+    alive_EH = mask.amax(dim=1) > 0 if mask is not None else torch.ones_like(importance_EH, dtype=torch.bool)
+    alive_E = alive_EH.sum(-1)
+    more_E = torch.round(amount * alive_E.double()).long() if isinstance(amount, float) else alive_E.clamp(max=amount)
+    prune_E = (~alive_EH).sum(-1) + more_E  # dead units sort first (importance -inf): they stay pruned
+    importance_EH = importance_EH.float().masked_fill(~alive_EH, -math.inf)
+    rank_EH = importance_EH.argsort(dim=-1, stable=True).argsort(dim=-1)
+    return (rank_EH >= prune_E[:, None]).to(w1.dtype)
+
+
+class ExpertMagnitudePruning(ModelPruning):
+    """Lightning's ``ModelPruning`` on expert weights only: L1 unstructured or per-expert hidden neurons.
+
+    Parameters to prune are the stacked expert weights (``w1``, ``w2``, ``w3``) of every MoE layer
+    (``nn.Linear`` weights inside template experts), passed through ``filter_parameters_to_prune``
+    (override it to narrow them further); routers, shared experts (unless ``include_shared``) and
+    dense layers are never pruned. The schedule is ``ModelPruning``'s: ``amount`` and
+    ``apply_pruning`` may be callables of the epoch; pruning runs at train epoch end.
+
+    * ``structured=False``: ``l1_unstructured``; global over all expert weights of the model
+      (``use_global_unstructured=True``, default) or per stacked weight.
+    * ``structured=True``: per expert, the hidden units with the smallest L1 weight
+      (``|w1[:, h]| + |w3[:, h]| + |w2[h, :]|``) are pruned: columns of ``w1``/``w3`` and the matching
+      rows of ``w2``, through ``torch.nn.utils.prune.custom_from_mask`` (torch's ``ln_structured``
+      on the stacked ``[E, D, H]`` tensor would prune unit ``h`` in all experts at once).
+
+    Two differences from ``ModelPruning``, for expert parallelism:
+
+    1. ``ModelPruning.setup`` binds the parameters before ``strategy.setup``, which shards the
+       experts (new, smaller parameters): this callback binds them in ``on_fit_start``, after.
+    2. With ``make_pruning_permanent`` (default), ``ModelPruning.on_save_checkpoint`` replaces the
+       checkpoint's state dict with this rank's ``pl_module.state_dict()``, dropping what the
+       strategy put there (the gathered full logical model under ``strategy="moe"``). This callback
+       folds ``*_orig * *_mask`` into the checkpoint's own state dict instead and leaves every
+       other entry as the strategy wrote it.
+
+    Under expert parallelism the global L1 threshold is per rank (over its local experts).
+
+    Args:
+        amount: fraction (float) or number (int) to prune per pruning event, or a callable of the epoch.
+        structured: prune hidden neurons per expert instead of single weights.
+        use_global_unstructured: unstructured only: one threshold over all expert weights.
+        apply_pruning: bool or callable of the epoch (when to prune).
+        make_pruning_permanent: fold masks into checkpoints and remove them at the end of training.
+        include_shared: prune shared experts too.
+        verbose: 0, 1 or 2 (``ModelPruning``'s sparsity logging).
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[ExpertMagnitudePruning(amount=0.3, structured=True)])  # doctest: +SKIP
+    """
+
+    def __init__(self, amount: int | float | Any = 0.5, structured: bool = False, use_global_unstructured: bool = True,
+                 apply_pruning: bool | Any = True, make_pruning_permanent: bool = True, include_shared: bool = False,
+                 verbose: int = 0) -> None:
+        if isinstance(amount, float) and not 0 <= amount <= 1:
+            raise ValueError(f"{type(self).__name__}: amount={amount!r} must be a fraction in [0, 1], an int count "
+                             "or a callable of the epoch")
+        super().__init__(
+            pruning_fn="l1_unstructured",
+            use_global_unstructured=use_global_unstructured and not structured,
+            amount=amount,
+            apply_pruning=apply_pruning,
+            make_pruning_permanent=make_pruning_permanent,
+            use_lottery_ticket_hypothesis=False,
+            verbose=verbose,
+        )
+        self.structured = structured
+        self.include_shared = include_shared
+
+    def expert_parameters(self, pl_module: nn.Module) -> list[tuple[nn.Module, str]]:
+        """``(module, name)`` of every expert weight in ``pl_module`` (see the class docstring)."""
+        found: list[tuple[nn.Module, str]] = []
+        for name, layer in _moe_layers(pl_module):
+            banks = [layer.experts] + ([layer.shared_experts] if self.include_shared and layer.shared_experts else [])
+            for bank in banks:
+                if isinstance(bank, GroupedExperts):
+                    found += [(bank, w) for w in ("w1", "w2", "w3") if getattr(bank, w) is not None]
+                elif isinstance(bank, TemplateExperts) and not self.structured:
+                    found += [(m, "weight") for m in bank.modules() if isinstance(m, nn.Linear)]
+                else:
+                    raise ValueError(f"{type(self).__name__}: layer {name!r} has {type(bank).__name__} experts; "
+                                     "structured=True supports GroupedExperts only (use structured=False)")
+        return found
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Deliberately empty: strategy.setup (after this hook) may shard the experts into new
+        # parameters; on_fit_start binds the parameters the training will really update.
+        self._parameters_to_prune = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._make_pruning_permanent and _expert_parallel_size(trainer) > 1:
+            raise ValueError(f"{type(self).__name__}: make_pruning_permanent=False with expert_parallel_size>1: the "
+                             "strategy gathers expert weights by name at the end of fit; keep it True")
+        self._parameters_to_prune = self.filter_parameters_to_prune(self.expert_parameters(pl_module))
+
+    def _apply_local_pruning(self, amount: float) -> None:
+        if not self.structured:
+            return super()._apply_local_pruning(amount)
+        banks = {id(m): m for m, _ in self._parameters_to_prune if isinstance(m, GroupedExperts)}
+        for bank in banks.values():
+            mask_EH = hidden_unit_mask(bank, amount)
+            masks = {"w1": mask_EH[:, None, :], "w3": mask_EH[:, None, :], "w2": mask_EH[:, :, None]}
+            for name in ("w1", "w2", "w3"):
+                if getattr(bank, name) is None:
+                    continue
+                full = masks[name].expand_as(getattr(bank, name)).contiguous()
+                existing = getattr(bank, f"{name}_mask", None)
+                if existing is None:
+                    torch_prune.custom_from_mask(bank, name, full)
+                else:  # the pruning hook recomputes w = w_orig * mask before every forward
+                    existing.mul_(full.to(existing.dtype))
+                    setattr(bank, name, getattr(bank, f"{name}_orig") * existing)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if not self._make_pruning_permanent or "state_dict" not in checkpoint:
+            return
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.endswith("_mask")]:
+            base = key[: -len("_mask")]
+            if base + "_orig" not in state:
+                continue
+            orig, mask = state.pop(base + "_orig"), state.pop(key)
+            state[base] = orig * mask.to(device=orig.device, dtype=orig.dtype)
