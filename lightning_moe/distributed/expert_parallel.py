@@ -1,0 +1,283 @@
+"""Expert parallelism: shard each MoE layer's experts over an expert-parallel (EP) group.
+
+Rank ``j`` of an EP group of size ``P`` holds experts ``[j * E/P, (j + 1) * E/P)`` of every layer,
+keeping their global ids (``experts.expert_offset``). The layer is untouched otherwise: the
+:class:`ExpertParallelDispatcher` installed as ``layer.expert_dispatcher`` moves each token to the rank
+holding its expert and back:
+
+1. all-to-all the per-expert counts, so every rank knows how many rows it will receive;
+2. all-to-all the rows (uneven splits, autograd);
+3. regroup the received rows from source-major to local-expert-major and run the local experts;
+4. undo the regrouping and all-to-all the outputs back (the backward of 2 and 4 is the reverse).
+
+Shape legend: M rows this rank sends (its kept assignments), R rows it receives, D model width,
+E global experts, P EP group size, L = E/P local experts, S source ranks (= P).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_moe.distributed.all_to_all import all_to_all, all_to_all_counts
+from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
+from lightning_moe.nn.moe import MoE
+
+GROUPED_PARAMS = ("w1", "w2", "w3", "b1", "b2")
+# Per-forward routing stats of the layer: rank-local values, never broadcast by DDP.
+STAT_BUFFERS = ("tokens_per_expert", "dropped_tokens", "routed_tokens", "router_entropy")
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """The experts of one MoE layer that this rank holds.
+
+    Attributes:
+        path: module path of the MoE layer inside the sharded root module (``""`` for the root).
+        num_experts: global number of experts E.
+        ep_size: expert-parallel group size P.
+        ep_rank: this rank's index in its EP group.
+        template: True for :class:`TemplateExperts` (one module per expert), False for stacked weights.
+    """
+
+    path: str
+    num_experts: int
+    ep_size: int
+    ep_rank: int
+    template: bool
+
+    @property
+    def num_local(self) -> int:
+        return self.num_experts // self.ep_size
+
+    @property
+    def offset(self) -> int:
+        """Global id of local expert 0."""
+        return self.ep_rank * self.num_local
+
+    @property
+    def prefix(self) -> str:
+        """State-dict prefix of the layer's expert bank (``"<path>.experts."``)."""
+        return f"{self.path}.experts." if self.path else "experts."
+
+    def owner(self, global_id: int) -> int:
+        """EP rank holding expert ``global_id``."""
+        return global_id // self.num_local
+
+
+class ExpertParallelDispatcher:
+    """``layer.expert_dispatcher`` that runs a layer's experts across an EP group.
+
+    Args:
+        shard: which experts this rank holds.
+        group: the EP process group (ranks of one expert group, in EP-rank order).
+
+    Example (inside an initialised process group of 2 ranks)::
+
+        shard = shard_moe_layer(layer, "", ep_rank=rank, ep_size=2, group=dist.group.WORLD)
+        y = layer(x)   # tokens for experts held elsewhere travel by all-to-all
+    """
+
+    def __init__(self, shard: ExpertShard, group: dist.ProcessGroup) -> None:
+        self.shard = shard
+        self.group = group
+
+    def __repr__(self) -> str:
+        s = self.shard
+        held = f"{s.offset}..{s.offset + s.num_local - 1}"
+        return f"{type(self).__name__}(experts {held} of {s.num_experts}, ep={s.ep_size})"
+
+    def __call__(self, x_MD: Tensor, kept_counts_E: Tensor, local_experts: nn.Module) -> Tensor:
+        P, L = self.shard.ep_size, self.shard.num_local
+        # 1. counts: chunk r of kept_counts_E (L experts) goes to EP rank r.
+        recv_counts_SL = all_to_all_counts(kept_counts_E.long(), self.group)
+        # NOTE: host sync; the split sizes of the token all-to-all and the expert GEMMs need them.
+        counts = torch.cat([kept_counts_E.long(), recv_counts_SL]).tolist()
+        send_E, recv_SL = counts[: P * L], counts[P * L:]
+        input_splits = [sum(send_E[r * L:(r + 1) * L]) for r in range(P)]
+        output_splits = [sum(recv_SL[s * L:(s + 1) * L]) for s in range(P)]
+        local_counts = [sum(recv_SL[s * L + e] for s in range(P)) for e in range(L)]
+        # 2. rows to the ranks holding their experts; received rows are source-major.
+        x_RD = all_to_all(x_MD, output_splits, input_splits, self.group)
+        # 3. regroup by local expert, run the experts, restore source-major order.
+        order_R = expert_major_order(recv_counts_SL.view(P, L), sum(output_splits))
+        y_RD = local_experts(x_RD[order_R], local_counts)
+        inverse_R = torch.empty_like(order_R)
+        inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
+        # 4. outputs back to the ranks that own the tokens, in the order they were sent.
+        return all_to_all(y_RD[inverse_R], input_splits, output_splits, self.group)
+
+
+def expert_major_order(counts_SL: Tensor, total: int) -> Tensor:
+    """Permutation that regroups source-major rows by local expert.
+
+    Rows arrive as blocks ``(s, e)`` ordered by source ``s`` then local expert ``e``; the result
+    ``order`` lists row indices so that ``x[order]`` holds blocks ordered by ``e`` then ``s``.
+
+    Args:
+        counts_SL: rows per (source rank, local expert).
+        total: ``counts_SL.sum()`` known on the host (avoids a sync).
+
+    Returns:
+        LongTensor ``[total]`` on ``counts_SL``'s device.
+    """
+    flat_SL = counts_SL.reshape(-1)
+    start_SL = (flat_SL.cumsum(0) - flat_SL).view_as(counts_SL)  # where block (s, e) starts in the input
+    count_LS = counts_SL.t().reshape(-1)
+    start_LS = start_SL.t().reshape(-1)
+    out_start_LS = count_LS.cumsum(0) - count_LS  # where block (e, s) starts in the output
+    shift = torch.repeat_interleave(start_LS - out_start_LS, count_LS, output_size=total)
+    return shift + torch.arange(total, device=counts_SL.device)
+
+
+def find_moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
+    """All :class:`MoE` layers under ``module`` with their module paths, in ``named_modules`` order."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
+
+
+def check_expert_parallel_size(layers: list[tuple[str, MoE]], ep_size: int, world_size: int, owner: str) -> None:
+    """Raise before training when the sizes cannot shard.
+
+    Raises:
+        ValueError: if ``world_size % ep_size`` or some layer's ``num_experts % ep_size`` is not 0.
+    """
+    if world_size % ep_size:
+        raise ValueError(f"{owner}: expert_parallel_size={ep_size} must divide the world size {world_size}; "
+                         "pick a divisor of the number of processes")
+    for path, layer in layers:
+        if layer.num_experts % ep_size:
+            raise ValueError(f"{owner}: layer {path or '<root>'!r} has num_experts={layer.num_experts}, not a multiple "
+                             f"of expert_parallel_size={ep_size} (world size {world_size}); pick an "
+                             "expert_parallel_size that divides every layer's num_experts")
+
+
+def expert_shard(layer: MoE) -> ExpertShard | None:
+    """The shard installed on ``layer`` by :func:`shard_moe_layer`, or None when it holds every expert."""
+    dispatcher = layer.expert_dispatcher
+    return dispatcher.shard if isinstance(dispatcher, ExpertParallelDispatcher) else None
+
+
+def _module_tensors(module: nn.Module) -> list[Tensor]:
+    return list(module.parameters()) + list(module.buffers())
+
+
+def _expert_tensors(bank: nn.Module) -> list[tuple[str, Tensor]]:
+    """Stacked tensors of a GroupedExperts bank (dim 0 = expert)."""
+    return [(n, getattr(bank, n)) for n in GROUPED_PARAMS if getattr(bank, n, None) is not None]
+
+
+@torch.no_grad()
+def shard_moe_layer(
+    layer: MoE,
+    path: str,
+    ep_rank: int,
+    ep_size: int,
+    group: dist.ProcessGroup,
+    broadcast_device: torch.device | None = None,
+) -> ExpertShard:
+    """Keep only this rank's experts in ``layer`` and install the EP dispatcher.
+
+    Args:
+        layer: the MoE layer, holding all ``num_experts`` experts.
+        path: its module path (used for state-dict names and error messages).
+        ep_rank: this rank's index in ``group``.
+        ep_size: size of ``group``; must divide ``layer.num_experts``.
+        group: the EP process group.
+        broadcast_device: when given, every expert tensor is first broadcast from global rank 0
+            through this device (as DDP does for dense weights), so ranks start from one model.
+
+    Returns:
+        The :class:`ExpertShard` now held.
+
+    Raises:
+        ValueError: if the layer is already sharded or the sizes do not divide.
+    """
+    if expert_shard(layer) is not None:
+        raise ValueError(f"shard_moe_layer: layer {path!r} is already sharded ({layer.expert_dispatcher}); "
+                         "unshard it first")
+    if layer.num_experts % ep_size:
+        raise ValueError(f"shard_moe_layer: layer {path!r} num_experts={layer.num_experts} is not a multiple of "
+                         f"ep_size={ep_size}")
+    bank = layer.experts
+    shard = ExpertShard(path, layer.num_experts, ep_size, ep_rank, isinstance(bank, TemplateExperts))
+    lo, hi = shard.offset, shard.offset + shard.num_local
+    if broadcast_device is not None:
+        for tensor in _module_tensors(bank):
+            full = tensor.detach().to(broadcast_device)
+            dist.broadcast(full, src=0)
+            tensor.copy_(full)
+    if isinstance(bank, GroupedExperts):
+        for name, param in _expert_tensors(bank):
+            setattr(bank, name, nn.Parameter(param.detach()[lo:hi].clone(), requires_grad=param.requires_grad))
+    elif isinstance(bank, TemplateExperts):
+        bank.experts = nn.ModuleList(list(bank.experts)[lo:hi])
+    else:
+        raise ValueError(f"shard_moe_layer: layer {path!r} has experts of type {type(bank).__name__}; "
+                         "expert parallelism supports GroupedExperts and TemplateExperts")
+    bank.num_experts = shard.num_local
+    bank.expert_offset = lo
+    layer.expert_dispatcher = ExpertParallelDispatcher(shard, group)
+    return shard
+
+
+@torch.no_grad()
+def unshard_moe_layer(layer: MoE) -> None:
+    """Gather every expert back into ``layer`` (collective over its EP group) and remove the dispatcher.
+
+    Every rank of the EP group must call it, for its layers in the same order.
+    """
+    shard = expert_shard(layer)
+    if shard is None:
+        return
+    group = layer.expert_dispatcher.group
+    bank = layer.experts
+    if shard.template:
+        P, L = shard.ep_size, shard.num_local
+        local = list(bank.experts)
+        modules: list[nn.Module] = [None] * shard.num_experts
+        for i, module in enumerate(local):
+            tensors = _module_tensors(module)
+            from_rank = [[] for _ in range(P)]  # from_rank[r][k]: tensor k of local expert i on EP rank r
+            for tensor in tensors:
+                parts = [torch.empty_like(tensor) for _ in range(P)]
+                dist.all_gather(parts, tensor.detach().contiguous(), group=group)
+                for r in range(P):
+                    from_rank[r].append(parts[r])
+            for r in range(P):
+                replica = module if r == shard.ep_rank else copy.deepcopy(module)
+                for tensor, value in zip(_module_tensors(replica), from_rank[r], strict=True):
+                    tensor.copy_(value)
+                modules[r * L + i] = replica
+        bank.experts = nn.ModuleList(modules)
+    else:
+        for name, param in _expert_tensors(bank):
+            parts = [torch.empty_like(param) for _ in range(shard.ep_size)]
+            dist.all_gather(parts, param.detach().contiguous(), group=group)
+            setattr(bank, name, nn.Parameter(torch.cat(parts), requires_grad=param.requires_grad))
+    bank.num_experts = shard.num_experts
+    bank.expert_offset = 0
+    layer.expert_dispatcher = None
+
+
+def expert_state_names(module: nn.Module) -> list[str]:
+    """Names of every expert parameter/buffer and routing-stat buffer: the set DDP must ignore.
+
+    Expert weights differ between ranks (each holds its own experts, or its own gradient sum),
+    and the routing stats are rank-local, so DDP must neither broadcast nor all-reduce them.
+    """
+    names = []
+    for path, layer in find_moe_layers(module):
+        prefix = f"{path}." if path else ""
+        names += [f"{prefix}experts.{n}" for n, _ in layer.experts.named_parameters()]
+        names += [f"{prefix}experts.{n}" for n, _ in layer.experts.named_buffers()]
+        names += [f"{prefix}{n}" for n in STAT_BUFFERS if hasattr(layer, n)]
+    return names
+
+
+def expert_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters of every MoE layer's expert bank (shared experts and routers are dense)."""
+    return [p for _, layer in find_moe_layers(module) for p in layer.experts.parameters()]

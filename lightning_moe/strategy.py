@@ -1,0 +1,384 @@
+"""MoEStrategy: expert parallelism for any LightningModule with :class:`~lightning_moe.MoE` layers.
+
+``Trainer(strategy="moe")`` runs data parallelism for dense parameters (DDP) and expert parallelism
+for the experts of every MoE layer, over a ``("data", "expert")`` device mesh:
+
+- ranks ``[k * P, (k + 1) * P)`` form expert group ``k`` (contiguous, so one node first); each rank
+  holds ``num_experts / P`` experts of every layer, under their global ids, and tokens travel to
+  their experts by all-to-all in the group's own process group;
+- dense parameters are all-reduced by DDP over all ranks; expert parameters are kept out of DDP and
+  their gradients are summed over the ranks holding the same experts (the "data" dimension) and
+  divided by the world size, so N-rank training equals single-process training on the global batch;
+- checkpoints hold the full logical model (one file, gathered to rank 0) or a
+  torch.distributed.checkpoint directory (``checkpoint="sharded"``), and reshard on resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.optimizer import _optimizer_to_device
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerStatus
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_moe.distributed import checkpoint as ckpt
+from lightning_moe.distributed.checkpoint import consolidate_checkpoint
+from lightning_moe.distributed.expert_parallel import (
+    check_expert_parallel_size,
+    expert_parameters,
+    expert_shard,
+    expert_state_names,
+    find_moe_layers,
+    shard_moe_layer,
+    unshard_moe_layer,
+)
+
+CHECKPOINT_FORMATS = ("full", "sharded")
+_BUCKET_NUMEL = 1 << 24  # expert gradients are all-reduced in flat buckets of at most 16M elements
+
+__all__ = ["MoEStrategy", "consolidate_checkpoint"]
+
+
+class MoEStrategy(DDPStrategy):
+    """DDP for dense parameters plus expert parallelism for :class:`~lightning_moe.MoE` layers.
+
+    Args:
+        expert_parallel_size: ranks that share one copy of the experts (each holds
+            ``num_experts / expert_parallel_size`` of every layer). Default: the world size. Must
+            divide the world size and every layer's ``num_experts``.
+        checkpoint: ``"full"`` writes one file with the full logical model, gathered to rank 0 (it
+            loads with ``Model.load_from_checkpoint`` in a plain process), and gives the model back
+            unsharded after ``fit``/``validate``/...; ``"sharded"`` writes a
+            torch.distributed.checkpoint directory (each rank its shards) and leaves the model
+            sharded, for models that do not fit one host.
+        **ddp_kwargs: arguments of Lightning's ``DDPStrategy`` (``start_method``, ``timeout``,
+            ``process_group_backend``, ...) and of ``DistributedDataParallel``.
+
+    Raises:
+        ValueError: for a bad ``expert_parallel_size`` or ``checkpoint``; before training, when the
+            world size or a layer's ``num_experts`` is not a multiple of ``expert_parallel_size``.
+
+    Example::
+
+        trainer = L.Trainer(accelerator="gpu", devices=8, strategy="moe")             # EP = 8
+        trainer = L.Trainer(devices=8, num_nodes=2, strategy=MoEStrategy(expert_parallel_size=8))
+    """
+
+    strategy_name = "moe"
+
+    def __init__(self, expert_parallel_size: int | None = None, checkpoint: str = "full", **ddp_kwargs: Any) -> None:
+        name = type(self).__name__
+        if expert_parallel_size is not None and (
+            not isinstance(expert_parallel_size, int) or isinstance(expert_parallel_size, bool)
+            or expert_parallel_size < 1
+        ):
+            raise ValueError(f"{name}: expert_parallel_size={expert_parallel_size!r} must be a positive int, or None "
+                             "for the world size")
+        if checkpoint not in CHECKPOINT_FORMATS:
+            raise ValueError(f"{name}: checkpoint={checkpoint!r} must be one of {CHECKPOINT_FORMATS}")
+        if checkpoint == "sharded" and ddp_kwargs.get("start_method", "popen") != "popen":
+            raise ValueError(f"{name}: checkpoint='sharded' keeps the model sharded after fit, which start_method="
+                             f"{ddp_kwargs['start_method']!r} cannot copy back to the main process; use "
+                             "checkpoint='full' or the default start_method='popen'")
+        super().__init__(**ddp_kwargs)
+        self._expert_parallel_size = expert_parallel_size
+        self._checkpoint = checkpoint
+        self._device_mesh = None
+        self._trainer: pl.Trainer | None = None
+        self._released_layouts: dict[int, ckpt.OptimizerLayout] = {}
+
+    # ------------------------------------------------------------------------------------------
+    # Mesh and groups
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """Ranks in one expert group (the world size unless given)."""
+        return self._expert_parallel_size or self.world_size
+
+    @property
+    def device_mesh(self):
+        """The ``("data", "expert")`` :class:`~torch.distributed.device_mesh.DeviceMesh` (after set-up)."""
+        if self._device_mesh is None:
+            raise RuntimeError(f"{type(self).__name__}: the device mesh exists once the trainer set up the strategy")
+        return self._device_mesh
+
+    @property
+    def expert_group(self) -> dist.ProcessGroup:
+        """Process group of this rank's expert group (the all-to-all group)."""
+        return self.device_mesh.get_group("expert")
+
+    @property
+    def expert_data_group(self) -> dist.ProcessGroup:
+        """Process group of the ranks holding the same experts (expert gradients are summed over it)."""
+        return self.device_mesh.get_group("data")
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Shard first, then read each rank's slice of the (full or DCP) checkpoint.
+        return True
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        ep, world = self.expert_parallel_size, self.world_size
+        check_expert_parallel_size([], ep, world, type(self).__name__)
+        mesh = self._device_mesh
+        if mesh is None or mesh.mesh.shape != (world // ep, ep):
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._device_mesh = init_device_mesh(
+                self.root_device.type, (world // ep, ep), mesh_dim_names=("data", "expert")
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # Sharding
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._trainer = trainer
+        self._released_layouts = {}
+        module = self.lightning_module
+        assert module is not None
+        layers = find_moe_layers(module)
+        ep, world = self.expert_parallel_size, self.world_size
+        check_expert_parallel_size(layers, ep, world, type(self).__name__)
+        mesh = self.device_mesh
+        for path, layer in layers:
+            if layer.layer_name is None:
+                layer.layer_name = path
+            shard = expert_shard(layer)
+            if shard is not None:  # still sharded from an earlier stage (checkpoint="sharded")
+                if shard.ep_size != ep:
+                    raise ValueError(f"{type(self).__name__}: layer {path!r} is sharded over {shard.ep_size} ranks "
+                                     f"by an earlier run, expert_parallel_size={ep} now; use the same size")
+                continue
+            self._broadcast_experts(layer)
+            if ep > 1:
+                shard_moe_layer(layer, path, mesh.get_local_rank("expert"), ep, self.expert_group)
+        ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())) | set(expert_state_names(module))
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(ignored))
+        if ep > 1:
+            # Norm clipping must see the norm of the whole model, experts of every rank included.
+            self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
+        super().setup(trainer)
+
+    def _broadcast_experts(self, layer) -> None:
+        # DDP broadcasts rank 0's dense weights; experts are outside DDP, so do the same for them.
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for tensor in list(layer.experts.parameters()) + list(layer.experts.buffers()):
+                full = tensor.detach().to(self.root_device)
+                dist.broadcast(full, src=0)
+                tensor.copy_(full)
+
+    @override
+    def teardown(self) -> None:
+        module = self.lightning_module
+        healthy = self._trainer is None or self._trainer.state.status != TrainerStatus.INTERRUPTED
+        self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+        if module is not None and self._checkpoint == "full" and healthy and dist.is_initialized():
+            layout = self._layout()
+            if layout.shards:
+                # Optimizers still hold per-rank expert states: remember how, for a save after fit.
+                self._released_layouts = {
+                    id(_unwrap(o)): ckpt.OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers
+                }
+            # Give the caller (and the spawn launcher, which copies rank 0's weights) the whole model.
+            for _, layer in find_moe_layers(module):
+                unshard_moe_layer(layer)
+        super().teardown()
+
+    def _layout(self) -> ckpt.ShardLayout:
+        module = self.lightning_module
+        return ckpt.ShardLayout([s for _, layer in find_moe_layers(module) if (s := expert_shard(layer)) is not None])
+
+    # ------------------------------------------------------------------------------------------
+    # Gradients
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        super().post_backward(closure_loss)
+        if isinstance(self.model, DistributedDataParallel) and not self.model.require_backward_grad_sync:
+            return  # accumulating: DDP does not sync this micro-batch either
+        self.reduce_expert_gradients()
+
+    def reduce_expert_gradients(self) -> None:
+        """Turn each rank's expert gradients into those of single-process training on the global batch.
+
+        After backward, a rank's expert gradient is the sum over the ranks of its expert group
+        (the all-to-all's backward brings every token's contribution home), while DDP averages dense
+        gradients over all ranks. Summing over the ranks holding the same experts and dividing by the
+        world size gives ``d(mean of the per-rank losses)/dW``, as for dense parameters. Runs after
+        the last backward of an optimizer step, before gradient clipping and the step.
+        """
+        module = self.lightning_module
+        params = [p for p in expert_parameters(module) if p.requires_grad]
+        if not params or self.world_size == 1:
+            return
+        for p in params:
+            if p.grad is None:  # every rank must send the same buckets
+                p.grad = torch.zeros_like(p)
+        data_group = self.expert_data_group
+        reduce = dist.get_world_size(data_group) > 1
+        for bucket in _buckets([p.grad for p in params]):
+            flat = torch._utils._flatten_dense_tensors(bucket)
+            if reduce:
+                dist.all_reduce(flat, group=data_group)
+            flat.div_(self.world_size)
+            for grad, value in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
+                grad.copy_(value)
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            self._agree_on_nonfinite(params)
+
+    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> None:
+        """``clip_grad_norm_`` over the logical model: the 2-norm of every gradient, experts of all ranks included.
+
+        Installed on the precision plugin when experts are sharded (Lightning's ``gradient_clip_val``
+        with ``gradient_clip_algorithm="norm"``). Dense gradients are identical on every rank after DDP;
+        expert gradients are summed over the expert group, which holds each expert exactly once.
+        """
+        params = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
+        if not params:
+            return
+        experts = {id(p) for p in expert_parameters(self.lightning_module)}
+
+        def sq_norm(grads: list[Tensor]) -> Tensor:
+            if not grads:
+                return torch.zeros((), device=self.root_device)
+            return torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]).square().sum()
+
+        expert_sq = sq_norm([p.grad for p in params if id(p) in experts]).reshape(1)
+        dist.all_reduce(expert_sq, group=self.expert_group)
+        total = (sq_norm([p.grad for p in params if id(p) not in experts]) + expert_sq[0]).sqrt()
+        coef = (clip_val / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        for p in params:
+            p.grad.detach().mul_(coef.to(p.grad.dtype))
+
+    def _agree_on_nonfinite(self, params: list[Tensor]) -> None:
+        # A GradScaler skips the step when it sees inf/NaN; expert gradients differ between expert
+        # groups, so make every rank see non-finite values when any rank has them.
+        flag = torch.stack([(~torch.isfinite(p.grad)).any() for p in params]).any().float().reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            params[0].grad.fill_(float("nan"))
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def _gather_args(self) -> tuple[dist.ProcessGroup, bool, bool]:
+        # The expert group holding global rank 0 gathers to it; other groups keep their shards.
+        group = self.expert_group
+        return group, self.global_rank < self.expert_parallel_size, self.global_rank == 0
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        module = self.lightning_module
+        state = module.state_dict()
+        layout = self._layout()
+        if not layout.shards:
+            return state
+        if self._checkpoint == "sharded":
+            return ckpt.sharded_model_state(state, layout, self.device_mesh)
+        group, member, is_dst = self._gather_args()
+        return ckpt.gather_model_state(state, layout, group, is_dst, self.root_device) if member else state
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        layout = self._layout()
+        if self._checkpoint == "sharded":
+            olayout = ckpt.OptimizerLayout(optimizer, self.lightning_module, layout)
+            return ckpt.sharded_optimizer_state(optimizer, olayout, self._device_mesh)
+        if layout.shards:
+            olayout = ckpt.OptimizerLayout(optimizer, self.lightning_module, layout)
+        elif id(optimizer) in self._released_layouts:  # saved after fit: the model is whole again, the optimizer not
+            olayout = self._released_layouts[id(optimizer)]
+        else:
+            return optimizer.state_dict()
+        group, member, is_dst = self._gather_args()
+        if not member:
+            return optimizer.state_dict()
+        return ckpt.gather_optimizer_state(optimizer, olayout, group, is_dst, self.root_device)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        if self._checkpoint == "full":
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}(checkpoint='sharded') writes with torch.distributed.checkpoint "
+                            "and takes no storage_options")
+        path = Path(self.broadcast(str(filepath)))
+        if self.is_global_zero and path.is_file():
+            path.unlink()
+        self.barrier()
+        ckpt.save_sharded(checkpoint, path, self.is_global_zero)
+        self.barrier()
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not ckpt.is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only=weights_only)
+        module = self.lightning_module
+        layout = self._layout()
+        olayouts = [ckpt.OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers]
+        return ckpt.load_sharded(path, module.state_dict(), olayouts, layout, self._device_mesh, weights_only)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        module = self.lightning_module
+        state = ckpt.local_model_state(checkpoint["state_dict"], module.state_dict(), self._layout())
+        module.load_state_dict(state, strict=strict)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        layout = self._layout()
+        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            optimizer = _unwrap(optimizer)
+            olayout = ckpt.OptimizerLayout(optimizer, self.lightning_module, layout)
+            optimizer.load_state_dict(ckpt.local_optimizer_state(saved, olayout))
+            _optimizer_to_device(optimizer, self.root_device)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for name, start_method in (("moe", "popen"), ("moe_spawn", "spawn")):
+            if name not in strategy_registry:
+                strategy_registry.register(
+                    name, cls, description=f"Expert-parallel MoE strategy with start_method={start_method!r}",
+                    start_method=start_method,
+                )
+
+
+def _unwrap(optimizer: Optimizer) -> Optimizer:
+    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+
+def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """Consecutive same-dtype groups of at most ``_BUCKET_NUMEL`` elements (one oversize tensor alone)."""
+    buckets: list[list[Tensor]] = []
+    size = 0
+    for t in tensors:
+        if not buckets or buckets[-1][0].dtype != t.dtype or size + t.numel() > _BUCKET_NUMEL:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += t.numel()
+    return buckets
+
+
+MoEStrategy.register_strategies(StrategyRegistry)
