@@ -1,0 +1,292 @@
+"""Shared example code: the byte-level corpus, a small GPT-style language model with MoE or dense MLPs, and
+Trainer set-up from command-line flags.
+
+The corpus is the Python documentation text that ships with CPython (``pydoc_data.topics``, ~466 kB), so the
+examples run offline. Bytes are the vocabulary (256 symbols); the last ``held_out`` share of the text is the
+held-out split.
+
+Shape legend: B batch, S sequence length, D model width, V vocabulary (256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import lightning_moe as lmoe  # noqa: E402  (registers the "moe" strategy)
+
+VOCAB = 256
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def pydoc_corpus() -> bytes:
+    """The CPython documentation topics (``pydoc_data.topics``) joined in key order, UTF-8 bytes."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
+
+
+class ByteWindows(Dataset):
+    """Windows of ``seq_len + 1`` bytes at a fixed stride: ``(input [S], target [S])`` for next-byte prediction."""
+
+    def __init__(self, data: Tensor, seq_len: int, stride: int) -> None:
+        self.data = data
+        self.seq_len = seq_len
+        self.starts = range(0, len(data) - seq_len - 1, stride)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        chunk = self.data[self.starts[index]: self.starts[index] + self.seq_len + 1].long()
+        return chunk[:-1], chunk[1:]
+
+
+class ByteDataModule(L.LightningDataModule):
+    """Next-byte prediction on the pydoc corpus; training windows overlap by half, held-out windows do not.
+
+    Args:
+        seq_len: tokens per sample.
+        batch_size: samples per batch and device.
+        held_out: share of the corpus (its end) kept for evaluation.
+        max_bytes: cut the corpus to this many bytes (smoke tests).
+    """
+
+    def __init__(self, seq_len: int = 128, batch_size: int = 16, held_out: float = 0.1,
+                 max_bytes: int | None = None) -> None:
+        super().__init__()
+        data = torch.frombuffer(bytearray(pydoc_corpus()[:max_bytes]), dtype=torch.uint8)
+        split = int(len(data) * (1 - held_out))
+        self.train_data, self.val_data = data[:split], data[split:]
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+
+    def describe(self) -> str:
+        return (f"pydoc_data.topics (CPython documentation): {len(self.train_data):,} training bytes, "
+                f"{len(self.val_data):,} held-out bytes, byte-level vocabulary of {VOCAB}")
+
+    def train_dataloader(self) -> DataLoader:
+        data = ByteWindows(self.train_data, self.seq_len, max(1, self.seq_len // 2))
+        return DataLoader(data, batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(ByteWindows(self.val_data, self.seq_len, self.seq_len), batch_size=self.batch_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class LMConfig:
+    """A small GPT. ``num_experts=0`` gives dense MLPs of width ``ffn_hidden``; otherwise every ``moe_every``-th
+    block gets an MoE with ``num_experts`` experts of width ``ffn_hidden // top_k``, so a token uses as many
+    feed-forward parameters as in the dense model (equal active parameters per token)."""
+
+    seq_len: int = 128
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+    ffn_hidden: int = 512
+    num_experts: int = 8
+    top_k: int = 2
+    moe_every: int = 1
+    dropout: float = 0.0
+    aux_loss_coef: float = 1e-2
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.ffn_hidden // self.top_k
+
+
+class MLP(nn.Module):
+    """The dense feed-forward block; named ``mlp`` in a block, so :func:`lightning_moe.upcycle` finds it."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        b, s, d = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, s, d))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LMConfig, moe: bool) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.dim)
+        self.attn = CausalSelfAttention(config.dim, config.heads, config.dropout)
+        self.ln2 = nn.LayerNorm(config.dim)
+        if moe:
+            self.mlp: nn.Module = lmoe.MoE(config.dim, config.num_experts, config.top_k,
+                                           hidden_dim=config.expert_hidden, activation="gelu", bias=True,
+                                           aux_loss_coef=config.aux_loss_coef)
+        else:
+            self.mlp = MLP(config.dim, config.ffn_hidden)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD)))
+        return x_BSD + self.drop(self.mlp(self.ln2(x_BSD)))
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only transformer over bytes: token + learned position embeddings, pre-norm blocks, tied head."""
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(VOCAB, config.dim)
+        self.pos = nn.Parameter(torch.zeros(config.seq_len, config.dim))
+        self.blocks = nn.ModuleList(
+            Block(config, moe=config.num_experts > 0 and (i + 1) % config.moe_every == 0)
+            for i in range(config.layers)
+        )
+        self.ln_f = nn.LayerNorm(config.dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def forward(self, idx_BS: Tensor) -> Tensor:
+        x_BSD = self.embed(idx_BS) + self.pos[: idx_BS.shape[1]]
+        for block in self.blocks:
+            x_BSD = block(x_BSD)
+        return self.ln_f(x_BSD) @ self.embed.weight.t()  # logits [B, S, V]
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """``(total, active per token)``: an MoE layer contributes its router, ``top_k`` experts and shared experts."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for m in model.modules():
+        if isinstance(m, lmoe.MoE):
+            per_expert = sum(p.numel() for p in m.experts.parameters()) // m.experts.num_experts
+            inactive += per_expert * (m.num_experts - m.top_k)
+    return total, total - inactive
+
+
+class LanguageModel(lmoe.MoELightningModule):
+    """Next-byte prediction. The base class adds the MoE layers' balancing losses to the returned loss.
+
+    Args:
+        config: the model (as :class:`LMConfig` or its dict).
+        lr: peak AdamW learning rate; linear warm-up, cosine decay to 10% over ``schedule_steps``.
+        warmup: warm-up steps.
+        schedule_steps: length of the schedule; default the Trainer's ``max_steps``.
+        schedule_offset: start the schedule at this step (a run that continues another one).
+    """
+
+    def __init__(self, config: LMConfig | dict, lr: float = 3e-3, warmup: int = 30,
+                 schedule_steps: int | None = None, schedule_offset: int = 0) -> None:
+        super().__init__()
+        config = LMConfig(**config) if isinstance(config, dict) else config
+        self.save_hyperparameters({"config": asdict(config), "lr": lr, "warmup": warmup,
+                                   "schedule_steps": schedule_steps, "schedule_offset": schedule_offset})
+        self.model = TransformerLM(config)
+
+    def forward(self, idx_BS: Tensor) -> Tensor:
+        return self.model(idx_BS)
+
+    def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        idx_BS, target_BS = batch
+        logits = self(idx_BS)
+        return F.cross_entropy(logits.reshape(-1, VOCAB).float(), target_BS.reshape(-1))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss = self._loss(batch)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=(0.9, 0.95), weight_decay=0.01)
+        total = hp.schedule_steps or max(1, self.trainer.max_steps)
+
+        def factor(step: int) -> float:
+            step += hp.schedule_offset
+            if step < hp.warmup:
+                return (step + 1) / hp.warmup
+            progress = min(1.0, (step - hp.warmup) / max(1, total - hp.warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer from flags
+
+
+def add_trainer_args(parser: argparse.ArgumentParser, devices: int = 1, max_steps: int = 300,
+                     precision: str = "32-true") -> None:
+    group = parser.add_argument_group("trainer")
+    group.add_argument("--devices", type=int, default=devices, help="processes (CPU) or GPUs")
+    group.add_argument("--accelerator", default="auto", help="auto | cpu | gpu")
+    group.add_argument("--strategy", default=None,
+                       help='default: "moe" (expert parallel) when devices > 1, else "auto"')
+    group.add_argument("--precision", default=precision, help='e.g. "32-true", "bf16-mixed"')
+    group.add_argument("--max-steps", type=int, default=max_steps)
+    group.add_argument("--logger", choices=("tensorboard", "csv"), default="tensorboard")
+    group.add_argument("--log-dir", default="lightning_logs")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (tests)")
+
+
+def default_strategy(args: argparse.Namespace) -> str:
+    from lightning.pytorch.strategies import StrategyRegistry  # TEMPORARY fallback
+
+    if "moe" not in StrategyRegistry and args.devices > 1 and not args.strategy:
+        return "ddp"
+    return args.strategy or ("moe" if args.devices > 1 else "auto")
+
+
+def make_logger(args: argparse.Namespace, name: str):
+    if args.logger == "tensorboard":
+        try:
+            return TensorBoardLogger(args.log_dir, name=name)
+        except ModuleNotFoundError:  # tensorboard not installed
+            pass
+    return CSVLogger(args.log_dir, name=name)
+
+
+def make_trainer(args: argparse.Namespace, name: str, **kwargs) -> L.Trainer:
+    options = dict(
+        accelerator=args.accelerator, devices=args.devices, strategy=default_strategy(args),
+        precision=args.precision, max_steps=args.max_steps, logger=make_logger(args, name),
+        enable_checkpointing=False, log_every_n_steps=10, num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)
