@@ -69,8 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--val-every", type=int, default=25)
-    parser.add_argument("--val-batches", type=int, default=8, help="held-out batches per evaluation during training")
+    parser.add_argument("--val-every", type=int, default=50, help="held-out evaluation every N steps")
+    parser.add_argument("--val-batches", type=int, default=0,
+                        help="held-out batches per evaluation during training (0: the whole held-out split)")
     parser.add_argument("--out", default="outputs")
     parser.add_argument("--variants", default="dense,moe,upcycled")
     add_trainer_args(parser, devices=1, max_steps=300)
@@ -86,13 +87,11 @@ def run(args, name: str, model: LanguageModel, data: ByteDataModule, steps: int,
     L.seed_everything(args.seed + offset, workers=True, verbose=False)
     curve = HeldOutCurve(offset)
     trainer = make_trainer(args, f"dense_vs_moe/{name}", max_steps=steps, val_check_interval=args.val_every,
-                           check_val_every_n_epoch=None, limit_val_batches=args.val_batches,
+                           check_val_every_n_epoch=None, limit_val_batches=args.val_batches or 1.0,
                            callbacks=[curve, *callbacks])
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start
-    # The final number is on the whole held-out split, not the subset used for the curve.
-    trainer.limit_val_batches = 1.0 if not args.smoke else args.val_batches
     (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
     total, active = count_params(model)
     return {"name": name, "total_params": total, "active_params": active, "steps": offset + trainer.global_step,

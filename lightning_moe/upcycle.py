@@ -360,8 +360,8 @@ class _Converter:
         """Return the replacement (or ``module`` itself when converted in place) and its report entry."""
         if _is_meta(module):
             raise _Skip("parameters are on the meta device; materialise the dense weights first")
-        if isinstance(module, (MoETransformerEncoderLayer, MoETransformerDecoderLayer)) or hasattr(module, "moe"):
-            raise _Skip("already upcycled")
+        if any(isinstance(m, MoE) for m in module.modules()):
+            raise _Skip("already upcycled (it holds an MoE layer)")
         if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
             return module, self._transformer_layer(name, module)
         spec = _stacked_spec(module)

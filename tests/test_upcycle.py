@@ -321,7 +321,7 @@ def test_upcycled_layers_and_root_mlp_are_skipped():
     upcycle(layer, num_experts=2)
     with pytest.warns(UserWarning, match="no feed-forward block"):
         again = upcycle(layer, num_experts=2, target=nn.TransformerEncoderLayer)
-    assert again.skipped[0].reason == "already upcycled"
+    assert again.skipped[0].reason.startswith("already upcycled")
     with pytest.warns(UserWarning, match="no feed-forward block"):
         root = upcycle(ReluMLP(), num_experts=2, target=ReluMLP)
     assert "root module" in root.skipped[0].reason
