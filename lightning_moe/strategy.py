@@ -15,6 +15,10 @@ for the experts of every MoE layer, over a ``("data", "expert")`` device mesh:
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerStatus
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -45,6 +50,9 @@ from lightning_moe.distributed.expert_parallel import (
 )
 
 CHECKPOINT_FORMATS = ("full", "sharded")
+PEER_FAILURE_GRACE_S = 10.0  # a rank whose launcher died exits after this long if it has not failed by itself
+_PARENT_PID_ENV = "LIGHTNING_MOE_LAUNCHER_PID"
+_WATCHDOG = "lightning-moe-peer-watchdog"
 _BUCKET_NUMEL = 1 << 24  # expert gradients are all-reduced in flat buckets of at most 16M elements
 
 __all__ = ["MoEStrategy", "consolidate_checkpoint"]
@@ -130,8 +138,15 @@ class MoEStrategy(DDPStrategy):
         return True
 
     @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if type(self._launcher) is _SubprocessScriptLauncher:
+            self._launcher = _WatchedScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    @override
     def setup_environment(self) -> None:
         super().setup_environment()
+        _start_peer_watchdog()
         ep, world = self.expert_parallel_size, self.world_size
         check_expert_parallel_size([], ep, world, type(self).__name__)
         mesh = self._device_mesh
@@ -228,11 +243,14 @@ class MoEStrategy(DDPStrategy):
         params = [p for p in expert_parameters(module) if p.requires_grad]
         if not params or self.world_size == 1:
             return
-        for p in params:
-            if p.grad is None:  # every rank must send the same buckets
-                p.grad = torch.zeros_like(p)
         data_group = self.expert_data_group
         reduce = dist.get_world_size(data_group) > 1
+        # An expert no token reached anywhere keeps grad None, as in single-process training (the
+        # optimizer then skips it); every rank must still send the same buckets.
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.root_device)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         for bucket in _buckets([p.grad for p in params]):
             flat = torch._utils._flatten_dense_tensors(bucket)
             if reduce:
@@ -240,6 +258,14 @@ class MoEStrategy(DDPStrategy):
             flat.div_(self.world_size)
             for grad, value in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
                 grad.copy_(value)
+        if reduce:
+            dist.all_reduce(has_grad, group=data_group)
+        for p, flag in zip(params, has_grad.tolist(), strict=True):
+            if not flag:
+                p.grad = None
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return
         if getattr(self.precision_plugin, "scaler", None) is not None:
             self._agree_on_nonfinite(params)
 
@@ -362,6 +388,46 @@ class MoEStrategy(DDPStrategy):
                     name, cls, description=f"Expert-parallel MoE strategy with start_method={start_method!r}",
                     start_method=start_method,
                 )
+
+
+class _WatchedScriptLauncher(_SubprocessScriptLauncher):
+    """Lightning's popen launcher, telling the ranks it starts who started them (for the peer watchdog)."""
+
+    @override
+    def _call_children_scripts(self) -> None:
+        os.environ[_PARENT_PID_ENV] = str(os.getpid())
+        super()._call_children_scripts()
+
+
+def launcher_gone(parent_pid: int | None) -> bool:
+    """True when this rank was started by a launcher process that no longer exists (we were re-parented)."""
+    return parent_pid is not None and os.getppid() != parent_pid
+
+
+def _start_peer_watchdog() -> None:
+    """In a rank started by Lightning's popen launcher: exit with code 1 once the launching rank 0 is gone.
+
+    Lightning's launcher already kills every rank when a started rank fails. The other direction is
+    ours: when rank 0 raises and exits, the ranks it started may sit in a collective that never
+    completes (NCCL waits for the process-group timeout, 30 minutes by default). gloo notices the
+    closed connection by itself, so the watchdog first gives the normal error path
+    ``PEER_FAILURE_GRACE_S``. torchrun and SLURM (``srun --kill-on-bad-exit=1``) stop ranks themselves.
+    """
+    parent = os.environ.get(_PARENT_PID_ENV)
+    if not parent or int(parent) == os.getpid() or any(t.name == _WATCHDOG for t in threading.enumerate()):
+        return
+    parent_pid = int(parent)
+
+    def watch() -> None:
+        while not launcher_gone(parent_pid):
+            time.sleep(0.5)
+        time.sleep(PEER_FAILURE_GRACE_S)
+        sys.stderr.write(f"MoEStrategy: the launching rank-0 process {parent_pid} exited; this rank "
+                         f"(pid {os.getpid()}) stops instead of waiting for it in a collective.\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name=_WATCHDOG, daemon=True).start()
 
 
 def _unwrap(optimizer: Optimizer) -> Optimizer:
