@@ -1,0 +1,453 @@
+"""Build a planned MoE transformer for real, one rank at a time, and run that rank's training step.
+
+The capacity planner (:mod:`lightning_moe.plan`) predicts a rank's parameters, memory and traffic; this module
+checks those predictions against a real model made of :class:`~lightning_moe.MoE` layers:
+
+1. :func:`build_model` turns an :class:`~lightning_moe.plan.Architecture` into a decoder-only transformer whose
+   parameter count equals :func:`~lightning_moe.plan.count_params` exactly; on the meta device it costs no
+   memory at any size (a trillion parameters included).
+2. :func:`shard_for_rank` keeps only the experts of global rank ``r`` of a :class:`~lightning_moe.plan.Layout`
+   (the strategy's :func:`~lightning_moe.distributed.shard_moe_layer`, still on meta) and installs a
+   :class:`~lightning_moe.distributed.simulated.SimulatedExpertParallel` dispatcher in every MoE layer.
+3. :func:`materialise_rank` allocates that share and initialises it deterministically: expert ``g`` of a
+   layer from ``(seed, layer, g)``, every dense tensor from ``(seed, its name)``, so each rank could build
+   its share alone and all shares agree with the single-process model.
+4. :func:`simulate_step` runs forward, backward and an Adam step of that rank, measuring peak memory (growth
+   of peak RSS) and step time against the planner's prediction for the same layout.
+
+The model: token embedding, ``layers`` pre-norm blocks (RMSNorm, causal grouped-query attention through
+``scaled_dot_product_attention``, RMSNorm, SwiGLU/GELU/... FFN: dense or :class:`~lightning_moe.MoE`), final
+RMSNorm and lm head (tied or not). No positional encoding (NoPE, parameter-free either way), no biases.
+
+Shape legend: B micro-batch, S sequence, D model width, V vocabulary, H heads, G kv heads, A head width.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import gc
+import os
+import statistics
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_moe.distributed.expert_parallel import ExpertShard, find_moe_layers, shard_moe_layer
+from lightning_moe.distributed.simulated import SimulatedExpertParallel
+from lightning_moe.nn.experts import GroupedExperts
+from lightning_moe.nn.moe import MoE
+from lightning_moe.plan import (
+    GATED_ACTIVATIONS,
+    Architecture,
+    Layout,
+    check_layout,
+    count_params,
+    params_per_rank,
+    plan,
+)
+
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+_SIMULATED = {"dense_sharding": "replicated", "expert_sharding": "replicated", "weight_dtype": "fp32",
+              "grad_dtype": "fp32", "optim_dtype": "fp32", "act_dtype": "fp32", "activation_checkpointing": False,
+              "flash_attention": True}  # fmt: skip
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention without biases (``q, k, v, o`` as the planner counts them)."""
+
+    def __init__(self, arch: Architecture, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"bias": False, "device": device, "dtype": dtype}
+        self.heads, self.kv_heads, self.head_dim, self.v_head_dim = (
+            arch.heads, arch.kv_heads, arch.head_dim, arch.v_head_dim)  # fmt: skip
+        self.q = nn.Linear(arch.dim, arch.heads * arch.head_dim, **factory)
+        self.k = nn.Linear(arch.dim, arch.kv_heads * arch.head_dim, **factory)
+        self.v = nn.Linear(arch.dim, arch.kv_heads * arch.v_head_dim, **factory)
+        self.o = nn.Linear(arch.heads * arch.v_head_dim, arch.dim, **factory)
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        B, S, _ = x_BSD.shape
+        # NOTE: contiguous copies: CPU flash attention's backward on transposed views measured 50x slower.
+        q_BHSA = self.q(x_BSD).view(B, S, self.heads, self.head_dim).transpose(1, 2).contiguous()
+        k_BGSA = self.k(x_BSD).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2).contiguous()
+        v_BGSA = self.v(x_BSD).view(B, S, self.kv_heads, self.v_head_dim).transpose(1, 2).contiguous()
+        # NOTE: on CPU (and CUDA) this is a flash kernel: it keeps q, k, v, the output and an fp32
+        # log-sum-exp per head and token for backward, never the S x S scores (planner: flash_attention).
+        out_BHSA = F.scaled_dot_product_attention(
+            q_BHSA, k_BGSA, v_BGSA, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        return self.o(out_BHSA.transpose(1, 2).reshape(B, S, self.heads * self.v_head_dim))
+
+
+class DenseFFN(nn.Module):
+    """Feed-forward block ``w2(act(w1 x) [* w3 x])``; ``w3`` only for swiglu."""
+
+    def __init__(self, dim: int, hidden: int, activation: str, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"bias": False, "device": device, "dtype": dtype}
+        self.activation = activation
+        self.w1 = nn.Linear(dim, hidden, **factory)
+        self.w3 = nn.Linear(dim, hidden, **factory) if activation == "swiglu" else None
+        self.w2 = nn.Linear(hidden, dim, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.w3 is not None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(_ACTIVATIONS[self.activation](self.w1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))`` (dense or MoE)."""
+
+    def __init__(self, arch: Architecture, moe: bool, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.attn_norm = nn.RMSNorm(arch.dim, **factory)
+        self.attn = Attention(arch, **factory)
+        self.ffn_norm = nn.RMSNorm(arch.dim, **factory)
+        if moe:
+            self.ffn: nn.Module = MoE(arch.dim, arch.experts, arch.top_k, hidden_dim=arch.expert_hidden,
+                                      activation=arch.activation, num_shared_experts=arch.shared_experts, **factory)
+        else:
+            self.ffn = DenseFFN(arch.dim, arch.ffn_hidden, arch.dense_activation, **factory)
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only MoE transformer built from an :class:`~lightning_moe.plan.Architecture` (see :func:`build_model`).
+
+    Layer ``i`` is MoE iff ``i >= dense_layers`` and ``(i - dense_layers + 1) % moe_every == 0`` (the planner's
+    convention).
+    """
+
+    def __init__(self, arch: Architecture, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.arch = arch
+        self.embed = nn.Embedding(arch.vocab, arch.dim, **factory)
+        self.blocks = nn.ModuleList(
+            Block(arch, i >= arch.dense_layers and (i - arch.dense_layers + 1) % arch.moe_every == 0, **factory)
+            for i in range(arch.layers)
+        )
+        self.norm = nn.RMSNorm(arch.dim, **factory)
+        self.head = nn.Linear(arch.dim, arch.vocab, bias=False, **factory)
+        if arch.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens_BS: Tensor) -> Tensor:
+        """Logits ``[B, S, V]`` of next tokens."""
+        x_BSD = self.embed(tokens_BS)
+        for block in self.blocks:
+            x_BSD = block(x_BSD)
+        return self.head(self.norm(x_BSD))
+
+    def aux_loss(self) -> Tensor:
+        """Sum of the MoE layers' balancing and z losses from the last forward."""
+        return sum((layer.aux_loss for _, layer in find_moe_layers(self)), torch.zeros(()))
+
+
+def build_model(arch: Architecture, device: torch.device | str = "meta", dtype: torch.dtype | None = None
+                ) -> MoETransformer:
+    """Build the transformer of ``arch``; its parameter count equals ``count_params(arch).total``.
+
+    Args:
+        arch: The architecture. MLA, qk-norm, biases and the activations ``geglu``/``reglu`` are not built.
+        device: Where to create parameters; ``"meta"`` (default) allocates nothing at any size.
+        dtype: Parameter dtype.
+
+    Returns:
+        The model, every MoE layer holding all experts.
+
+    Raises:
+        ValueError: On an architecture feature the model does not build, naming the fix.
+    """
+    unsupported = {"kv_lora_rank": arch.mla, "qk_norm": arch.qk_norm, "bias": arch.bias}
+    for field, used in unsupported.items():
+        if used:
+            raise ValueError(f"build_model: {field}={getattr(arch, field)!r} is counted by the planner but not "
+                             f"built here; pick an Architecture without it")
+    for field in ("activation", "dense_activation"):
+        if getattr(arch, field) in GATED_ACTIVATIONS and getattr(arch, field) != "swiglu":
+            raise ValueError(f"build_model: {field}={getattr(arch, field)!r} is not built here; "
+                             "use swiglu, gelu, relu or silu")
+    model = MoETransformer(arch, device=device, dtype=dtype)
+    built, planned = count(model), count_params(arch).total
+    if built != planned:
+        raise AssertionError(f"build_model: built {built:,} parameters but the planner counts {planned:,}")
+    return model
+
+
+def count(model: nn.Module) -> int:
+    """Parameters of ``model``, each shared tensor once (works on meta)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def rank_coordinates(rank: int, layout: Layout, arch: Architecture | None = None) -> tuple[int, int]:
+    """``(ep_rank, dp_rank)`` of global ``rank``: ranks ``[j*ep, (j+1)*ep)`` form EP group ``j``.
+
+    Args:
+        rank: Global rank in ``[0, layout.gpus)``.
+        layout: The layout.
+        arch: When given, the layout is checked against it (``ep`` divides experts and gpus).
+
+    Returns:
+        The rank's index in its expert-parallel group and in its expert-data-parallel group.
+
+    Raises:
+        ValueError: On a rank outside the layout or a layout that cannot host ``arch``.
+    """
+    if arch is not None:
+        check_layout(arch, layout)
+    elif layout.gpus % layout.ep:
+        raise ValueError(f"rank_coordinates: ep={layout.ep} must divide gpus={layout.gpus}; pick another ep")
+    if not 0 <= rank < layout.gpus:
+        raise ValueError(f"rank_coordinates: rank={rank} must be in [0, gpus={layout.gpus}); pick a rank of the layout")
+    return rank % layout.ep, rank // layout.ep
+
+
+def shard_for_rank(model: MoETransformer, rank: int, layout: Layout) -> list[ExpertShard]:
+    """Keep global ``rank``'s experts in every MoE layer and install :class:`SimulatedExpertParallel`.
+
+    Works on meta tensors (nothing is allocated). Dense parameters stay whole (``dense_sharding`` is not
+    applied: each rank materialises them, see :attr:`~lightning_moe.plan.RankParams.materialised`).
+
+    Args:
+        model: From :func:`build_model`, not yet sharded.
+        rank: Global rank in ``[0, layout.gpus)``.
+        layout: Supplies ``gpus`` and ``ep``.
+
+    Returns:
+        The shard of every MoE layer.
+
+    Raises:
+        ValueError: On a bad rank or layout, or an already sharded model.
+    """
+    ep_rank, _ = rank_coordinates(rank, layout, model.arch)
+    shards = []
+    for path, layer in find_moe_layers(model):
+        shard = shard_moe_layer(layer, path, ep_rank=ep_rank, ep_size=layout.ep, group=None)
+        layer.expert_dispatcher = SimulatedExpertParallel(shard)
+        shards.append(shard)
+    return shards
+
+
+def _seed(seed: int, name: str) -> int:
+    return zlib.crc32(f"{seed}/{name}".encode())
+
+
+@torch.no_grad()
+def materialise_rank(model: nn.Module, seed: int = 0, device: torch.device | str = "cpu") -> int:
+    """Allocate ``model`` (built on meta, sharded or not) on ``device`` and initialise it deterministically.
+
+    Expert ``g`` of the expert bank at path ``p`` draws from ``(seed, p, g)`` (global id, through
+    ``GroupedExperts.reset_parameters(seed=...)``); every other module from ``(seed, its path)``; buffers
+    (routing stats, expert biases) start at zero as in a freshly built model. A rank's share therefore equals
+    the matching slice of the whole model materialised in one process.
+
+    Args:
+        model: The model on the meta device.
+        seed: Base seed, the same on every rank.
+        device: Target device.
+
+    Returns:
+        Number of parameters materialised.
+    """
+    model.to_empty(device=device)
+    for name, module in model.named_modules():
+        if isinstance(module, GroupedExperts):
+            module.reset_parameters(seed=_seed(seed, name))
+        elif callable(getattr(module, "reset_parameters", None)):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed(seed, name))
+                module.reset_parameters()
+    for buffer in model.buffers():
+        buffer.zero_()
+    return count(model)
+
+
+@dataclass(frozen=True)
+class SimulationReport:
+    """Result of :func:`simulate_step` (bytes, seconds; ``predicted_*`` from :func:`~lightning_moe.plan.plan`).
+
+    Attributes:
+        rank, ep_rank, dp_rank: Global rank and its coordinates.
+        local_experts: Global ids ``(first, last)`` of the rank's experts in every MoE layer.
+        materialised_params: Parameters allocated (== ``predicted_params``, checked).
+        predicted_params: ``params_per_rank(arch, layout).materialised``.
+        param_bytes: RSS growth of materialisation.
+        state_bytes: RSS growth after the first step (weights, gradients, Adam states).
+        predicted_state_bytes: Planner weights + grads + optimizer states.
+        peak_bytes: Peak RSS growth over materialisation and all steps.
+        predicted_bytes: Planner ``total_bytes`` (states + activations).
+        predicted_activation_bytes: Planner activations.
+        ratio: ``peak_bytes / predicted_bytes``.
+        step_seconds: Median time of forward + backward + optimizer step after the first.
+        bytes_sent, bytes_received: All-to-all bytes of the last step, summed over MoE layers.
+        predicted_all_to_all_bytes: Planner ``all_to_all_bytes`` (bytes sent per step).
+        expert_rows: Rows the rank's experts processed per step, all MoE layers.
+        loss: Last training loss.
+    """
+
+    rank: int
+    ep_rank: int
+    dp_rank: int
+    local_experts: tuple[int, int]
+    materialised_params: int
+    predicted_params: int
+    param_bytes: int
+    state_bytes: int
+    predicted_state_bytes: int
+    peak_bytes: int
+    predicted_bytes: int
+    predicted_activation_bytes: int
+    ratio: float
+    step_seconds: float
+    bytes_sent: int
+    bytes_received: int
+    predicted_all_to_all_bytes: int
+    expert_rows: int
+    loss: float
+
+    def table(self) -> str:
+        """Measured against predicted, one row per figure."""
+        gib = 1024**3
+        rows = [
+            ("rank", f"{self.rank} (ep_rank {self.ep_rank}, dp_rank {self.dp_rank}), "
+                     f"experts {self.local_experts[0]}..{self.local_experts[1]} of every MoE layer"),
+            ("params materialised", f"{self.materialised_params:,} (planner {self.predicted_params:,})"),
+            ("weights+grads+Adam", f"{self.state_bytes / gib:.3f} GiB "
+                                   f"(planner {self.predicted_state_bytes / gib:.3f})"),
+            ("peak memory", f"{self.peak_bytes / gib:.3f} GiB (planner {self.predicted_bytes / gib:.3f}, "
+                            f"activations {self.predicted_activation_bytes / gib:.3f})"),
+            ("measured / predicted", f"{self.ratio:.3f}"),
+            ("step time", f"{self.step_seconds:.2f} s (forward + backward + Adam)"),
+            ("all-to-all sent", f"{self.bytes_sent / gib:.4f} GiB/step "
+                                f"(planner {self.predicted_all_to_all_bytes / gib:.4f}); "
+                                f"received {self.bytes_received / gib:.4f}"),
+            ("expert rows", f"{self.expert_rows:,} per step over all MoE layers"),
+        ]  # fmt: skip
+        return "\n".join(f"{k:<22} {v}" for k, v in rows)
+
+
+def simulation_layout(layout: Layout, **overrides) -> Layout:
+    """``layout`` with the precisions and options :func:`simulate_step` runs (fp32, replicated, flash, no recompute).
+
+    Args:
+        layout: A layout, e.g. the production one.
+        **overrides: Other :class:`~lightning_moe.plan.Layout` fields to change (``seq_len=256``).
+
+    Returns:
+        The layout as simulated.
+    """
+    return dataclasses.replace(layout, **{**_SIMULATED, "master_weights": False, **overrides})
+
+
+def simulate_step(arch: Architecture, layout: Layout, rank: int = 0, steps: int = 2, seed: int = 0,
+                  lr: float = 1e-4, exact_rss: bool = False) -> SimulationReport:
+    """Run ``steps`` training steps of global ``rank`` of ``layout`` in this process, peers simulated.
+
+    Builds the model on meta, shards it for ``rank``, materialises the share on CPU, then runs forward,
+    backward and ``torch.optim.Adam`` (fused) on ``layout.micro_batch x layout.seq_len`` random tokens.
+    Memory is the growth of this process's peak RSS (Linux ``VmHWM``) from just before materialisation.
+
+    Args:
+        arch: The model (see :func:`build_model`).
+        layout: As simulated: fp32 weights, grads, Adam states and activations, replicated dense and expert
+            weights, no recomputation, flash attention (see :func:`simulation_layout`).
+        rank: Global rank to play.
+        steps: Training steps (>= 2; the first allocates gradients and Adam states and is not timed).
+        seed: Initialisation and data seed.
+        lr: Adam learning rate.
+        exact_rss: First make glibc serve every allocation of 64 KiB or more with its own mapping, for the rest
+            of the process (``mallopt(M_MMAP_THRESHOLD)``), so freed tensors leave RSS at once and RSS follows
+            live memory. Without it, freed activations stay in the heap and RSS over-reads (~8% here). Use it in
+            a process of its own (the example does): it makes large allocations a little slower.
+
+    Returns:
+        The measurements next to the planner's predictions.
+
+    Raises:
+        ValueError: On a layout that differs from what is simulated, a bad rank, or ``steps < 2``.
+    """
+    wrong = {f: getattr(layout, f) for f, v in _SIMULATED.items() if getattr(layout, f) != v}
+    if wrong:
+        raise ValueError(f"simulate_step: layout fields {wrong} differ from the simulation's {_SIMULATED}; "
+                         "pass simulation_layout(layout)")
+    if steps < 2:
+        raise ValueError(f"simulate_step: steps={steps} must be >= 2 (the first step is not timed); raise it")
+    ep_rank, dp_rank = rank_coordinates(rank, layout, arch)
+    predicted, per_rank = plan(arch, layout), params_per_rank(arch, layout)
+    model = build_model(arch, device="meta")
+    shards = shard_for_rank(model, rank, layout)
+    if count(model) != per_rank.materialised:
+        raise AssertionError(f"simulate_step: rank holds {count(model):,} parameters on meta, planner says "
+                             f"{per_rank.materialised:,}")
+    gen = torch.Generator().manual_seed(_seed(seed, f"data/{rank}"))
+    tokens = torch.randint(arch.vocab, (layout.micro_batch, layout.seq_len + 1), generator=gen)
+    dispatchers = [layer.expert_dispatcher for _, layer in find_moe_layers(model)]
+
+    if exact_rss:
+        _mmap_large_allocations()
+    gc.collect()
+    base = _rss_bytes()
+    _reset_peak_rss()
+    materialised = materialise_rank(model, seed)
+    param_bytes = _rss_bytes() - base
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    times, state_bytes, loss = [], 0, None
+    for step in range(steps):
+        for d in dispatchers:
+            d.reset_counters()
+        start = time.perf_counter()
+        logits_BSV = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits_BSV.flatten(0, 1), tokens[:, 1:].flatten()) + model.aux_loss()
+        del logits_BSV
+        loss.backward()
+        loss = loss.detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in the planner (and DDP buckets)
+        times.append(time.perf_counter() - start)
+        if step == 0:
+            state_bytes = _rss_bytes() - base
+    peak = _peak_rss_bytes() - base
+    return SimulationReport(
+        rank, ep_rank, dp_rank, (shards[0].offset, shards[0].offset + shards[0].num_local - 1) if shards else (0, -1),
+        materialised, per_rank.materialised, param_bytes, state_bytes,
+        predicted.param_bytes + predicted.grad_bytes + predicted.optimizer_bytes, peak, predicted.total_bytes,
+        predicted.activation_bytes, peak / predicted.total_bytes, statistics.median(times[1:]),
+        sum(d.bytes_sent for d in dispatchers), sum(d.bytes_received for d in dispatchers),
+        predicted.all_to_all_bytes, sum(d.rows_processed for d in dispatchers), loss.item(),
+    )  # fmt: skip
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _mmap_large_allocations(threshold: int = 1 << 16) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallopt") or libc.mallopt(-3, threshold) != 1:  # -3: M_MMAP_THRESHOLD
+        raise RuntimeError("simulate_step: exact_rss=True needs glibc's mallopt; pass exact_rss=False")
+
+
+def _reset_peak_rss() -> None:
+    # Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status (peak memory needs Linux)")
