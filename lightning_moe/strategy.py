@@ -50,7 +50,7 @@ from lightning_moe.distributed.expert_parallel import (
 )
 
 CHECKPOINT_FORMATS = ("full", "sharded")
-PEER_FAILURE_GRACE_S = 10.0  # a rank whose launcher died exits after this long if it has not failed by itself
+PEER_FAILURE_GRACE_S = 5.0  # a rank whose launcher died exits after this long if it has not failed by itself
 _PARENT_PID_ENV = "LIGHTNING_MOE_LAUNCHER_PID"
 _WATCHDOG = "lightning-moe-peer-watchdog"
 _BUCKET_NUMEL = 1 << 24  # expert gradients are all-reduced in flat buckets of at most 16M elements
