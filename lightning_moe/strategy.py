@@ -263,11 +263,8 @@ class MoEStrategy(DDPStrategy):
         for p, flag in zip(params, has_grad.tolist(), strict=True):
             if not flag:
                 p.grad = None
-        params = [p for p in params if p.grad is not None]
-        if not params:
-            return
         if getattr(self.precision_plugin, "scaler", None) is not None:
-            self._agree_on_nonfinite(params)
+            self._agree_on_nonfinite([p for p in params if p.grad is not None])
 
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         """``clip_grad_norm_`` over the logical model: the 2-norm of every gradient, experts of all ranks included.
@@ -276,9 +273,8 @@ class MoEStrategy(DDPStrategy):
         with ``gradient_clip_algorithm="norm"``). Dense gradients are identical on every rank after DDP;
         expert gradients are summed over the expert group, which holds each expert exactly once.
         """
+        # Every rank takes part in the all-reduce, whatever it holds.
         params = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
-        if not params:
-            return
         experts = {id(p) for p in expert_parameters(self.lightning_module)}
 
         def sq_norm(grads: list[Tensor]) -> Tensor:
@@ -296,10 +292,16 @@ class MoEStrategy(DDPStrategy):
     def _agree_on_nonfinite(self, params: list[Tensor]) -> None:
         # A GradScaler skips the step when it sees inf/NaN; expert gradients differ between expert
         # groups, so make every rank see non-finite values when any rank has them.
-        flag = torch.stack([(~torch.isfinite(p.grad)).any() for p in params]).any().float().reshape(1)
+        flag = torch.zeros(1, device=self.root_device)
+        for p in params:
+            flag = torch.maximum(flag, (~torch.isfinite(p.grad)).any().float())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
-            params[0].grad.fill_(float("nan"))
+            module = self.lightning_module
+            others = (p for p in module.parameters() if p.grad is not None) if module is not None else iter(())
+            target = params[0] if params else next(others, None)
+            if target is not None:
+                target.grad.fill_(float("nan"))
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints

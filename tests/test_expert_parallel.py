@@ -117,6 +117,14 @@ def _worker(rank: int, port: int, out: str) -> None:
             worst(f"{case}/{sizes[0]}/unshard", max(
                 (p - q).abs().max().item() for p, q in zip(layer.parameters(), reference.parameters(), strict=True)))
             worst(f"{case}/{sizes[0]}/dispatcher_removed", float(layer.expert_dispatcher is not None))
+    # With a GradScaler, a non-finite expert gradient on one rank must reach every rank's step decision.
+    strategy = MoEStrategy(parallel_devices=[torch.device("cpu")] * WORLD)
+    param = nn.Parameter(torch.zeros(3))
+    param.grad = torch.tensor([1.0, float("inf") if rank == 1 else 2.0, 3.0])
+    strategy._agree_on_nonfinite([param])
+    # rank 0 (finite itself) reports whether it sees non-finite gradients now; rank 1 reports 0.
+    worst("nonfinite_everywhere", float(not bool(torch.isfinite(param.grad).all())) if rank == 0 else 0.0)
+
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
@@ -138,6 +146,11 @@ def test_all_to_all_uneven_splits_values_and_gradients(collective_results):
     assert collective_results["a2a_value"] == 0
     assert collective_results["a2a_grad"] == 0
     assert collective_results["a2a_counts"] == 0
+
+
+@pytest.mark.distributed
+def test_nonfinite_expert_gradients_are_seen_by_every_rank(collective_results):
+    assert collective_results["nonfinite_everywhere"] == 1.0
 
 
 @pytest.mark.distributed
