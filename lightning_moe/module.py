@@ -264,9 +264,11 @@ def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
         self._moe_depth = 1
         try:
             output = step(self, *args, **kwargs)
+            return self._moe_end_step(output)
         finally:
             self._moe_depth = 0
-        return self._moe_end_step(output)
+            # Drop the references to loss tensors (graphs): copy.deepcopy/pickle of the module refuse them.
+            self._moe_before, self._moe_seen = [], []
 
     setattr(training_step, _WRAPPED, 1)
     return training_step

@@ -98,6 +98,13 @@ class ExpertLoadMonitor(Callback):
         self._batches = 0
         self._last_step = -1
 
+    def __getstate__(self) -> dict:
+        # A copy starts fresh (layers are found again at on_train_start); the last-forward loss
+        # tensors in _seen carry graphs that copy.deepcopy and pickle refuse.
+        state = self.__dict__.copy()
+        state.update(_layers=[], _seen=[], _counts=None, _dropped=None, _assignments=None, _batches=0)
+        return state
+
     @staticmethod
     def _find_layers(pl_module: LightningModule) -> list[tuple[str, MoE]]:
         return [(name, module) for name, module in pl_module.named_modules() if isinstance(module, MoE)]
@@ -194,21 +201,27 @@ class ExpertLoadMonitor(Callback):
         for i, c in enumerate(counts):  # once per render, not per step
             c = c.double()
             share_LE[i, : c.numel()] = (c / c.sum().clamp_min(1)).numpy()
-        figsize = self.figsize or (min(4.0 + 0.3 * max_experts, 24.0), min(1.8 + 0.35 * num_layers, 24.0))
-        fig = Figure(figsize=figsize, dpi=self.dpi)
+        figsize = self.figsize or (min(5.0 + 0.4 * max_experts, 24.0), min(2.0 + 0.4 * num_layers, 24.0))
+        fig = Figure(figsize=figsize, dpi=self.dpi, layout="constrained")
         canvas = FigureCanvasAgg(fig)
-        grid = fig.add_gridspec(1, 2, width_ratios=(4, 1), wspace=0.05)
-        ax = fig.add_subplot(grid[0])
+        ax, side = fig.subplots(1, 2, sharey=True, width_ratios=(4, 1))
         heat = ax.imshow(share_LE, aspect="auto", cmap=self.cmap, vmin=0.0, interpolation="nearest")
         ax.set_yticks(range(num_layers), labels=[n[-24:] for n in names], fontsize=7)
-        ax.set_xlabel("expert")
+        ax.set_xlabel("expert", fontsize=8)
+        ax.tick_params(labelsize=7)
         ax.set_title(f"share of tokens per expert, step {step}", fontsize=9)
-        fig.colorbar(heat, ax=ax, fraction=0.05, pad=0.01)
-        side = fig.add_subplot(grid[1], sharey=ax)
-        side.barh(range(num_layers), dropped_share.numpy(), color="tab:red")
-        side.set_xlim(0.0, max(float(dropped_share.max()) if num_layers else 0.0, 0.01) * 1.15)
-        side.set_xlabel("dropped", fontsize=8)
+        if max_experts * num_layers <= 128:  # numbers in the cells while they fit
+            for (i, e), share in np.ndenumerate(share_LE):
+                if not np.isnan(share):
+                    ax.text(e, i, f"{100 * share:.0f}", ha="center", va="center", fontsize=6, color="w")
+        fig.colorbar(heat, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=7)
+        drops = dropped_share.numpy()
+        side.barh(range(num_layers), drops, color="tab:red")
+        side.set_xlim(0.0, max(float(drops.max()) if num_layers else 0.0, 0.01) * 1.3)
+        side.set_title("dropped", fontsize=9)
         side.tick_params(labelleft=False, labelsize=7)
+        for i, share in enumerate(drops):
+            side.text(0, i, f" {100 * share:.1f}%", va="center", fontsize=6)
         canvas.draw()
         return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
