@@ -163,9 +163,9 @@ def suite_spawn() -> None:
 def suite_fail() -> None:
     class Failing(Model):
         def training_step(self, batch, batch_idx):
-            if self.global_step == 2 and self.global_rank == 0:
+            if self.global_step == 1 and self.global_rank == 0:
                 raise RuntimeError("rank 0 fails on purpose")
-            if self.global_step == 2:
+            if self.global_step == 1:
                 time.sleep(300)  # rank 1 waits outside any collective (as it would in an NCCL kernel)
             return super().training_step(batch, batch_idx)
 
