@@ -24,6 +24,7 @@ Shape legend: B micro-batch, S sequence, D model width, V vocabulary, H heads, G
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -231,6 +232,8 @@ def shard_for_rank(model: MoETransformer, rank: int, layout: Layout) -> list[Exp
         ValueError: On a bad rank or layout, or an already sharded model.
     """
     ep_rank, _ = rank_coordinates(rank, layout, model.arch)
+    if any(layer.expert_dispatcher is not None for _, layer in find_moe_layers(model)):
+        raise ValueError("shard_for_rank: the model is already sharded; build a new one with build_model")
     shards = []
     for path, layer in find_moe_layers(model):
         shard = shard_moe_layer(layer, path, ep_rank=ep_rank, ep_size=layout.ep, group=None)
@@ -260,7 +263,15 @@ def materialise_rank(model: nn.Module, seed: int = 0, device: torch.device | str
     Returns:
         Number of parameters materialised.
     """
+    # to_empty gives every module a new Parameter on another device, untying shared ones (tied embeddings).
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module, name))
     model.to_empty(device=device)
+    for (module, name), *others in owners.values():
+        for other, other_name in others:
+            setattr(other, other_name, getattr(module, name))
     for name, module in model.named_modules():
         if isinstance(module, GroupedExperts):
             module.reset_parameters(seed=_seed(seed, name))
@@ -287,6 +298,8 @@ class SimulationReport:
         predicted_state_bytes: Planner weights + grads + optimizer states.
         peak_bytes: Peak RSS growth over materialisation and all steps.
         predicted_bytes: Planner ``total_bytes`` (states + activations).
+        saved_activation_bytes: Bytes of the distinct tensors autograd saved for backward in the first step
+            (``saved_tensors_hooks``; parameters excluded), the measured counterpart of the planner's activations.
         predicted_activation_bytes: Planner activations.
         ratio: ``peak_bytes / predicted_bytes``.
         step_seconds: Median time of forward + backward + optimizer step after the first.
@@ -307,6 +320,7 @@ class SimulationReport:
     predicted_state_bytes: int
     peak_bytes: int
     predicted_bytes: int
+    saved_activation_bytes: int
     predicted_activation_bytes: int
     ratio: float
     step_seconds: float
@@ -328,10 +342,12 @@ class SimulationReport:
             ("peak memory", f"{self.peak_bytes / gib:.3f} GiB (planner {self.predicted_bytes / gib:.3f}, "
                             f"activations {self.predicted_activation_bytes / gib:.3f})"),
             ("measured / predicted", f"{self.ratio:.3f}"),
+            ("saved for backward", f"{self.saved_activation_bytes / gib:.3f} GiB "
+                                   f"(planner activations {self.predicted_activation_bytes / gib:.3f})"),
             ("step time", f"{self.step_seconds:.2f} s (forward + backward + Adam)"),
-            ("all-to-all sent", f"{self.bytes_sent / gib:.4f} GiB/step "
-                                f"(planner {self.predicted_all_to_all_bytes / gib:.4f}); "
-                                f"received {self.bytes_received / gib:.4f}"),
+            ("all-to-all sent", f"{self.bytes_sent:,} B/step (planner {self.predicted_all_to_all_bytes:,}, ratio "
+                                f"{self.bytes_sent / max(self.predicted_all_to_all_bytes, 1):.4f}); "
+                                f"received {self.bytes_received:,}"),
             ("expert rows", f"{self.expert_rows:,} per step over all MoE layers"),
         ]  # fmt: skip
         return "\n".join(f"{k:<22} {v}" for k, v in rows)
@@ -402,14 +418,17 @@ def simulate_step(arch: Architecture, layout: Layout, rank: int = 0, steps: int 
     materialised = materialise_rank(model, seed)
     param_bytes = _rss_bytes() - base
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    times, state_bytes, loss = [], 0, None
+    times, state_bytes, saved_bytes, loss = [], 0, 0, None
     for step in range(steps):
         for d in dispatchers:
             d.reset_counters()
         start = time.perf_counter()
-        logits_BSV = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits_BSV.flatten(0, 1), tokens[:, 1:].flatten()) + model.aux_loss()
+        with _count_saved_tensors(model, record=step == 0) as saved:
+            logits_BSV = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits_BSV.flatten(0, 1), tokens[:, 1:].flatten()) + model.aux_loss()
         del logits_BSV
+        if step == 0:
+            saved_bytes = sum(saved.values())
         loss.backward()
         loss = loss.detach()
         optimizer.step()
@@ -422,10 +441,29 @@ def simulate_step(arch: Architecture, layout: Layout, rank: int = 0, steps: int 
         rank, ep_rank, dp_rank, (shards[0].offset, shards[0].offset + shards[0].num_local - 1) if shards else (0, -1),
         materialised, per_rank.materialised, param_bytes, state_bytes,
         predicted.param_bytes + predicted.grad_bytes + predicted.optimizer_bytes, peak, predicted.total_bytes,
-        predicted.activation_bytes, peak / predicted.total_bytes, statistics.median(times[1:]),
+        saved_bytes, predicted.activation_bytes, peak / predicted.total_bytes, statistics.median(times[1:]),
         sum(d.bytes_sent for d in dispatchers), sum(d.bytes_received for d in dispatchers),
         predicted.all_to_all_bytes, sum(d.rows_processed for d in dispatchers), loss.item(),
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _count_saved_tensors(model: nn.Module, record: bool):
+    """Collect ``{storage: bytes}`` of the tensors autograd saves for backward (parameters excluded)."""
+    saved: dict[int, int] = {}
+    if not record:
+        yield saved
+        return
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
 
 
 def _rss_bytes() -> int:

@@ -88,6 +88,13 @@ def test_materialised_count_equals_planner(gpus, ep, rank):
     assert sum(p.numel() for p in model.parameters() if p.device.type == "cpu") == count(model)
 
 
+def test_materialising_keeps_tied_embeddings_tied():
+    arch = dataclasses.replace(SMALL, tie_embeddings=True)
+    model = build_model(arch)
+    assert materialise_rank(model) == count_params(arch).total
+    assert model.head.weight is model.embed.weight and model.head.weight.device.type == "cpu"
+
+
 def test_rank_share_equals_the_slice_of_the_whole_model():
     whole = build_model(SMALL)
     materialise_rank(whole, seed=3)
@@ -116,6 +123,10 @@ def test_rank_coordinates_follow_the_strategy_mesh():
         rank_coordinates(10_000, layout)
     with pytest.raises(ValueError, match="ep=3 must divide experts=8"):
         shard_for_rank(build_model(SMALL), 0, Layout(gpus=6, gpu_memory=GIB, ep=3))
+    model = build_model(SMALL)
+    shard_for_rank(model, 0, Layout(gpus=8, gpu_memory=GIB, ep=2))
+    with pytest.raises(ValueError, match="already sharded"):
+        shard_for_rank(model, 1, Layout(gpus=8, gpu_memory=GIB, ep=2))
 
 
 def _layer(experts=8, dim=16, seed=0):
@@ -196,6 +207,9 @@ def test_one_rank_step_at_small_scale():
     assert report.predicted_bytes > report.predicted_state_bytes == 16 * per_rank.materialised  # fp32 w, g, 2 Adam
     assert report.peak_bytes >= report.state_bytes >= report.param_bytes > 0
     assert report.ratio == report.peak_bytes / report.predicted_bytes
+    # Saved for backward beyond the planner's terms: RMSNorm's normalised input, the attention output next to
+    # the o-projection input, silu(gate) next to gate (unfused SwiGLU), router probabilities, int64 indices.
+    assert report.predicted_activation_bytes < report.saved_activation_bytes < 1.6 * report.predicted_activation_bytes
     assert report.step_seconds > 0 and math.isfinite(report.loss)
     assert report.expert_rows == arch.moe_layers * 2 * 16 * arch.top_k
     # Balanced, 3/4 of the 4 * M * D fp32 values per layer cross ranks; this routing is random, so within 50%.
