@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -306,3 +310,15 @@ def test_layer_can_be_deep_copied_after_a_training_forward():
     assert clone.aux_loss.item() == 0.0 and layer.aux_loss.grad_fn is not None
     x = torch.randn(5, DIM)
     torch.testing.assert_close(clone(x), layer(x))
+
+
+@pytest.mark.slow
+def test_compress_experts_example_smoke(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "examples" / "compress_experts.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--log-dir", str(tmp_path / "logs")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 11  # header + 10 methods
+    assert any(line.startswith("| int8 experts") for line in table)

@@ -395,3 +395,51 @@ def test_magnitude_pruning_binds_parameters_after_strategy_setup():
     assert len(bound) == 4  # two Linear layers of each of the 2 local experts
     assert all(hasattr(m, "weight_mask") for m, _ in pruning._parameters_to_prune)
     assert not any(hasattr(m, "weight_mask") for expert in removed for m in expert.modules())
+
+
+EP_SCRIPT = textwrap.dedent("""
+    import json, os, sys, warnings
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, {tests!r})
+    import torch
+    import lightning.pytorch as pl
+    import lightning_moe  # registers strategy="moe"
+    from test_pruning import PruneModel, loader, trainer
+    from lightning_moe.callbacks import ExpertMagnitudePruning, ExpertPruning
+
+    torch.manual_seed(0)
+    model = PruneModel()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath={out!r}, save_last=True)
+    t = trainer(strategy="moe", devices=2, max_epochs=1, use_distributed_sampler=False, enable_checkpointing=True,
+                callbacks=[ExpertMagnitudePruning(amount=0.5), checkpoint])
+    t.fit(model, loader())
+    error = ""
+    try:
+        trainer(strategy="moe", devices=2, max_epochs=1, use_distributed_sampler=False,
+                callbacks=[ExpertPruning(keep=4)]).fit(PruneModel(), loader())
+    except ValueError as e:
+        error = str(e)
+    with open(os.path.join({out!r}, f"rank{{t.global_rank}}.json"), "w") as f:
+        json.dump({{"error": error}}, f)
+""")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_pruning_under_expert_parallelism(tmp_path):
+    """strategy="moe", 2 processes, 4 experts each: the checkpoint holds all 8 experts, masks folded in;
+    ExpertPruning refuses sharded layers with a clear error."""
+    script = tmp_path / "ep_pruning.py"
+    script.write_text(EP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert not any(k.endswith(("_orig", "_mask")) for k in state)
+    assert state["moe.experts.w1"].shape == (8, DIM, 32) and state["moe.experts.w2"].shape == (8, 32, DIM)
+    zeros = sum(int((state[f"moe.experts.{w}"] == 0).sum()) for w in ("w1", "w2"))
+    assert zeros == 8 * DIM * 32  # each rank pruned half of its own experts' weights
+    for r in (0, 1):
+        error = json.loads((tmp_path / f"rank{r}.json").read_text())["error"]
+        assert "holds 4 of its 8 experts" in error and "expert_parallel_size=1" in error
