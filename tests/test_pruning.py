@@ -404,7 +404,7 @@ EP_SCRIPT = textwrap.dedent("""
     import torch
     import lightning.pytorch as pl
     import lightning_moe  # registers strategy="moe"
-    from test_pruning import PruneModel, loader, trainer
+    from test_pruning import PruneModel, kill_experts, loader, trainer
     from lightning_moe.callbacks import ExpertMagnitudePruning, ExpertPruning
 
     torch.manual_seed(0)
@@ -413,22 +413,50 @@ EP_SCRIPT = textwrap.dedent("""
     t = trainer(strategy="moe", devices=2, max_epochs=1, use_distributed_sampler=False, enable_checkpointing=True,
                 callbacks=[ExpertMagnitudePruning(amount=0.5), checkpoint])
     t.fit(model, loader())
-    error = ""
-    try:
-        trainer(strategy="moe", devices=2, max_epochs=1, use_distributed_sampler=False,
-                callbacks=[ExpertPruning(keep=4)]).fit(PruneModel(), loader())
-    except ValueError as e:
-        error = str(e)
+
+    class Counts(pl.Callback):
+        counts = torch.zeros(8, dtype=torch.long)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 0:
+                self.counts += pl_module.moe.tokens_per_expert
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                self.local_w1 = tuple(pl_module.moe.experts.w1.shape)
+                self.momentum_after = momentum(trainer, pl_module)
+
+    class Before(pl.Callback):  # runs before ExpertPruning's epoch-end hook
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                self.momentum_before = momentum(trainer, pl_module)
+
+    def momentum(trainer, pl_module):
+        return trainer.optimizers[0].state[pl_module.moe.experts.w1]["momentum_buffer"].flatten(1)[:, :8].tolist()
+
+    torch.manual_seed(1)
+    model = PruneModel(lr=0.0)  # the weights stay as initialised: the pruned model must hold init[kept]
+    kill_experts(model)
+    init = {{"w1": model.moe.experts.w1.detach().clone(), "gate": model.moe.router.gate.weight.detach().clone()}}
+    pruning, counts, before = ExpertPruning(keep=3, at_epoch=0), Counts(), Before()
+    t = trainer(strategy="moe", devices=2, max_epochs=2, use_distributed_sampler=False,
+                callbacks=[before, pruning, counts])
+    t.fit(model, loader(seed=int(os.environ.get("LOCAL_RANK", 0))))  # each rank its own data
+    kept = pruning.kept["moe"]
+    out = {{"kept": kept, "counts": counts.counts.tolist(), "local_w1": counts.local_w1,
+            "momentum_before": before.momentum_before, "momentum_after": counts.momentum_after,
+            "num_experts": model.moe.num_experts, "w1_full": tuple(model.moe.experts.w1.shape),
+            "w1_ok": torch.equal(model.moe.experts.w1, init["w1"][kept]),
+            "gate_ok": torch.equal(model.moe.router.gate.weight, init["gate"][kept])}}
     with open(os.path.join({out!r}, f"rank{{t.global_rank}}.json"), "w") as f:
-        json.dump({{"error": error}}, f)
+        json.dump(out, f)
 """)
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_pruning_under_expert_parallelism(tmp_path):
-    """strategy="moe", 2 processes, 4 experts each: the checkpoint holds all 8 experts, masks folded in;
-    ExpertPruning refuses sharded layers with a clear error."""
+    """strategy="moe", 2 processes, 4 of 8 experts each. Magnitude pruning: the checkpoint holds all 8 experts,
+    masks folded in. ExpertPruning keep=3 -> 4 (a multiple of 2): experts gathered, pruned, sharded again
+    (2 per rank), training continues, and the model holds exactly the kept experts."""
     script = tmp_path / "ep_pruning.py"
     script.write_text(EP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -440,6 +468,18 @@ def test_pruning_under_expert_parallelism(tmp_path):
     assert state["moe.experts.w1"].shape == (8, DIM, 32) and state["moe.experts.w2"].shape == (8, 32, DIM)
     zeros = sum(int((state[f"moe.experts.{w}"] == 0).sum()) for w in ("w1", "w2"))
     assert zeros == 8 * DIM * 32  # each rank pruned half of its own experts' weights
-    for r in (0, 1):
-        error = json.loads((tmp_path / f"rank{r}.json").read_text())["error"]
-        assert "holds 4 of its 8 experts" in error and "expert_parallel_size=1" in error
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    total = torch.tensor(ranks[0]["counts"]) + torch.tensor(ranks[1]["counts"])
+    expected = sorted(torch.sort(total, descending=True, stable=True).indices[:4].tolist())
+    assert not set(DEAD) & set(expected)
+    for result in ranks:
+        assert result["kept"] == expected and result["num_experts"] == 4
+        assert result["local_w1"] == [2, DIM, 32]  # epoch 1 trained 2 experts per rank
+        assert result["w1_full"] == [4, DIM, 32]  # gathered back at the end of fit
+        assert result["w1_ok"] and result["gate_ok"]
+    # optimizer state followed the experts across ranks: rank r now holds kept experts 2r, 2r+1
+    momentum_full = ranks[0]["momentum_before"] + ranks[1]["momentum_before"]  # 8 experts, in rank order
+    assert any(any(row) for row in momentum_full)
+    for r, result in enumerate(ranks):
+        assert result["momentum_after"] == [momentum_full[g] for g in expected[2 * r:2 * r + 2]]

@@ -26,7 +26,7 @@ from torch.nn.utils import prune as torch_prune
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
 from lightning_moe.nn.moe import MoE
 
-# old parameter id -> (old parameter, new parameter or None when removed, kept rows or None)
+# old parameter id -> (old parameter, new parameter or None when removed, kept rows; None: state already moved)
 _Remap = dict[int, tuple[nn.Parameter, "nn.Parameter | None", "Tensor | None"]]
 
 
@@ -120,6 +120,56 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> _Remap:
     return remap
 
 
+@torch.no_grad()
+def _remove_sharded_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Sequence[torch.optim.Optimizer]
+                            ) -> _Remap:
+    """:func:`remove_experts` for a layer sharded by expert parallelism (collective over its EP group).
+
+    Gathers the experts (and their optimizer state) of the EP group, removes experts from the full
+    layer, and shards it again over the same group (``K`` must be a multiple of its size). Every
+    rank of the group must call it with the same ``keep_E``, for its layers in the same order.
+    """
+    from lightning_moe.distributed.expert_parallel import expert_shard, shard_moe_layer, unshard_moe_layer
+
+    shard, bank = expert_shard(layer), layer.experts
+    if shard is None or not isinstance(bank, GroupedExperts):
+        raise ValueError(f"ExpertPruning: layer {path!r} holds {bank.num_experts} of its {layer.num_experts} experts "
+                         f"in a {type(bank).__name__} that is not sharded by MoEStrategy; pruning sharded layers "
+                         "needs GroupedExperts sharded by strategy='moe' (or prune with expert_parallel_size=1)")
+    group = layer.expert_dispatcher.group
+    old_params = {attr: p for attr, p in bank._parameters.items() if p is not None}
+    # 1. Optimizer state of the group's experts, gathered along the expert dim (same order on every rank).
+    full_state: dict[str, tuple[torch.optim.Optimizer, dict, set]] = {}
+    for attr, p in old_params.items():
+        for optimizer in optimizers:
+            if p not in optimizer.state:
+                continue
+            state, gathered = {}, set()
+            for key in sorted(optimizer.state[p]):
+                value = optimizer.state[p][key]
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    parts = [torch.empty_like(value) for _ in range(shard.ep_size)]
+                    torch.distributed.all_gather(parts, value.contiguous(), group=group)
+                    value = torch.cat(parts)
+                    gathered.add(key)
+                state[key] = value
+            full_state[attr] = (optimizer, state, gathered)
+    # 2. Full layer, prune, shard again: new local expert j is kept expert offset + j. The remap of
+    # the (unsharded, optimizer-less) full expert tensors is harmless; the router's is needed.
+    unshard_moe_layer(layer)
+    remap = remove_experts(layer, keep_E)
+    new_shard = shard_moe_layer(layer, path, shard.ep_rank, shard.ep_size, group)
+    keep_K = torch.as_tensor(keep_E, dtype=torch.long).flatten().unique(sorted=True)
+    rows_L = keep_K[new_shard.offset:new_shard.offset + new_shard.num_local]
+    for attr, old in old_params.items():
+        if attr in full_state:
+            optimizer, state, gathered = full_state[attr]
+            optimizer.state[old] = {k: v.index_select(0, rows_L.to(v.device)).clone() if k in gathered else v
+                                    for k, v in state.items()}
+        remap[id(old)] = (old, bank._parameters[attr], None)
+    return remap
+
+
 def _remap_optimizers(optimizers: Sequence[torch.optim.Optimizer], remap: _Remap) -> None:
     """Point optimizers at the new parameters, keeping the state (momentum, Adam moments) of kept rows."""
     for optimizer in optimizers:
@@ -133,7 +183,9 @@ def _remap_optimizers(optimizers: Sequence[torch.optim.Optimizer], remap: _Remap
                 state = optimizer.state.pop(old, None)
                 if new is None:
                     continue
-                if state:
+                if state and rows is None:  # already in the new layout
+                    optimizer.state[new] = state
+                elif state:
                     optimizer.state[new] = {
                         key: value.index_select(0, rows).clone()
                         if isinstance(value, Tensor) and value.shape == old.shape else value
@@ -194,9 +246,10 @@ class ExpertPruning(Callback):
     training simply continues. Under DDP the model is re-wrapped (parameter shapes changed).
 
     A layer never keeps fewer than ``top_k`` experts, and under ``strategy="moe"`` every count is
-    raised to a multiple of ``trainer.strategy.expert_parallel_size``. Sharded layers
-    (``expert_parallel_size > 1``) are refused with a clear error: pruning reshapes the full
-    logical layer, so prune with ``expert_parallel_size=1`` (single device or DDP) and resume.
+    raised to a multiple of ``trainer.strategy.expert_parallel_size``. A layer sharded by
+    expert parallelism (``GroupedExperts`` experts) is gathered over its expert group with its
+    optimizer state, pruned as a whole and sharded again (a collective over the group; template
+    experts under expert parallelism are refused with a clear error).
 
     Counts are those of the last forward of each layer in each training batch; ``counts`` holds
     the window, ``kept`` the kept global ids of each layer after pruning.
@@ -258,11 +311,12 @@ class ExpertPruning(Callback):
         layers = _moe_layers(pl_module)
         ep = _expert_parallel_size(trainer)
         for name, layer in layers:  # refuse before changing anything
-            if layer.experts.num_experts != layer.num_experts:
+            sharded = layer.experts.num_experts != layer.num_experts
+            if sharded and not isinstance(layer.experts, GroupedExperts):
                 raise ValueError(
                     f"{type(self).__name__}: layer {name!r} holds {layer.experts.num_experts} of its "
-                    f"{layer.num_experts} experts (expert_parallel_size={ep}); pruning sharded layers is not "
-                    "supported: prune with expert_parallel_size=1 (one device or DDP), then resume with more"
+                    f"{layer.num_experts} {type(layer.experts).__name__} experts (expert_parallel_size={ep}); "
+                    "pruning sharded layers needs GroupedExperts: prune with expert_parallel_size=1 instead"
                 )
         if not layers:
             return {}
@@ -278,7 +332,9 @@ class ExpertPruning(Callback):
             for note in notes:
                 rank_zero_warn(f"{type(self).__name__}: layer {name!r}: {note}")
             before = layer.num_experts
-            if keep_K.numel() < before:
+            if keep_K.numel() < before and layer.experts.num_experts != layer.num_experts:
+                remap.update(_remove_sharded_experts(layer, name, keep_K, trainer.optimizers))
+            elif keep_K.numel() < before:
                 remap.update(remove_experts(layer, keep_K))
             self.kept[name] = keep_K.tolist()
             share = counts_E[keep_K.to(counts_E.device)].sum() / counts_E.sum().clamp_min(1)
