@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import lightning.pytorch as pl
 import pytest
@@ -249,3 +254,53 @@ def test_invalid_arguments(bad):
         NonFiniteGuard(max_consecutive=bad)
     with pytest.raises(ValueError, match="dtype"):
         RouterPrecision(dtype=torch.int8)
+
+
+EP_SCRIPT = textwrap.dedent("""
+    import json, math, os, sys, warnings
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, {tests!r})
+    import torch
+    import lightning.pytorch as pl
+    import lightning_moe  # registers strategy="moe"
+    from test_precision import TinyMoEModel, _data, _trainer, _DtypeProbe, _WeightTrace, _same
+    from lightning_moe.callbacks import NonFiniteGuard, RouterPrecision
+
+    class RankLocalInf(TinyMoEModel):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            # rank 1 only, step 2: a non-finite loss term without parameters; every gradient stays finite
+            return loss + (math.inf if self.global_rank == 1 and batch_idx == 2 else 0.0)
+
+    torch.manual_seed(0)
+    model = RankLocalInf()
+    probe, guard, trace = _DtypeProbe(), NonFiniteGuard(), _WeightTrace()
+    t = _trainer(strategy="moe", devices=2, precision="bf16-true", max_steps=4, use_distributed_sampler=False,
+                 callbacks=[RouterPrecision(), probe, guard, trace])
+    t.fit(model, _data())
+    out = {{"dtypes": {{k: str(v) for k, v in probe.records[-1].items()}},
+            "logits": sorted({{str(d) for d in probe.logits_dtypes}}), "skipped": guard.skipped_steps,
+            "unchanged": [_same(b, a) for b, a in zip(trace.before, trace.after)]}}
+    with open(os.path.join({out!r}, f"rank{{t.global_rank}}.json"), "w") as f:
+        json.dump(out, f)
+""")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_bf16_true_expert_parallel_float32_routers_and_all_ranks_skip_together(tmp_path):
+    """strategy="moe" on 2 processes under bf16-true: routers float32, experts bf16; a non-finite loss on
+    rank 1 alone (finite gradients everywhere) makes both ranks skip that step."""
+    script = tmp_path / "ep_precision.py"
+    script.write_text(EP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for r in (0, 1):
+        result = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert result["dtypes"] == {"gate": "torch.float32", "expert_bias": "torch.float32", "w1": "torch.bfloat16",
+                                    "head": "torch.bfloat16", "gate_in_optimizer": "True"}
+        assert result["logits"] == ["torch.float32"]
+        assert result["skipped"] == 1
+        assert result["unchanged"] == [False, False, True, False]
