@@ -8,11 +8,20 @@ model on the Trainer the user already has.
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from lightning_moe.compress import CompressionReport, low_rank_experts, quantize_experts
+from lightning_moe.compress import (
+    CompressionReport,
+    LowRankGroupedExperts,
+    QuantizedGroupedExperts,
+    low_rank_experts,
+    quantize_experts,
+)
+from lightning_moe.nn.moe import MoE
 
 APPLY_ON = ("fit_end", "test_start")
 
@@ -42,14 +51,56 @@ class _CompressExperts(Callback):
         if self.apply_on == "test_start":
             self._apply(pl_module)
 
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.apply_on == "test_start":
+            gather_compressed_shards(pl_module)
+
+
+@torch.no_grad()
+def gather_compressed_shards(module: nn.Module) -> int:
+    """Give compressed expert banks sharded by expert parallelism all their experts back, on every rank.
+
+    Under ``strategy="moe"`` with ``expert_parallel_size > 1``, ``on_test_start`` compresses each
+    rank's shard; the strategy's end-of-stage gather knows only ``GroupedExperts`` tensors, so this
+    gathers every per-expert tensor of a compressed bank over the layer's expert group (shards are
+    contiguous, in EP-rank order) and removes the dispatcher: after ``trainer.test`` the module is
+    the full compressed model on every rank. A collective: every rank of the group calls it.
+
+    Returns:
+        The number of banks gathered.
+    """
+    gathered = 0
+    for layer in [m for m in module.modules() if isinstance(m, MoE)]:
+        bank, group = layer.experts, getattr(layer.expert_dispatcher, "group", None)
+        if group is None or bank.num_experts == layer.num_experts:
+            continue
+        if not isinstance(bank, (QuantizedGroupedExperts, LowRankGroupedExperts)):
+            continue  # the strategy gathers GroupedExperts and TemplateExperts itself
+        size, local = dist.get_world_size(group), bank.num_experts
+        for container in (bank._parameters, bank._buffers):
+            for name, tensor in list(container.items()):
+                if tensor is None or tensor.dim() == 0 or tensor.shape[0] != local:
+                    continue
+                parts = [torch.empty_like(tensor) for _ in range(size)]
+                dist.all_gather(parts, tensor.detach().contiguous(), group=group)
+                full = torch.cat(parts)
+                container[name] = nn.Parameter(full, tensor.requires_grad) if container is bank._parameters else full
+        bank.num_experts, bank.expert_offset = local * size, 0
+        layer.expert_dispatcher = None
+        gathered += 1
+    return gathered
+
 
 class ExpertQuantization(_CompressExperts):
     """Weight-only int8 quantization of every expert bank, at the end of fit or before test.
 
     See :func:`lightning_moe.compress.quantize_experts`. The result is in ``report`` (bytes per
     bank before and after; about 4x smaller float32 experts) and is logged on rank 0. Under expert
-    parallelism each rank quantizes the experts it holds. Inference only: quantized experts have
-    no trainable weights, so quantize after the last ``fit``.
+    parallelism (``strategy="moe"``) use ``apply_on="test_start"``: each rank quantizes the experts
+    it holds, the test runs expert-parallel, and ``on_test_end`` gathers the quantized experts so
+    every rank ends with the full model (the strategy cannot shard an already compressed bank, so
+    a later ``fit``/``test`` under ``expert_parallel_size > 1`` needs an uncompressed model).
+    Inference only: quantized experts have no trainable weights, so quantize after the last ``fit``.
 
     Args:
         bits: 8.
@@ -85,7 +136,9 @@ class LowRankExperts(_CompressExperts):
 
     See :func:`lightning_moe.compress.low_rank_experts`; the saving is in ``report``. The factors
     are trainable parameters: with ``apply_on="fit_end"`` a later ``fit`` (with a fresh optimizer)
-    fine-tunes the compressed model.
+    fine-tunes the compressed model (on one device or DDP; the expert-parallel strategy shards only
+    uncompressed banks). Under expert parallelism ``apply_on="test_start"`` works as for
+    :class:`ExpertQuantization`.
 
     Args:
         rank: fixed rank for every weight, or None to pick it by ``energy``.
