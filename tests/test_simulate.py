@@ -3,6 +3,9 @@
 import copy
 import dataclasses
 import math
+import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -197,10 +200,21 @@ def test_moe_combine_keeps_no_third_copy_of_the_routed_rows():
     assert list(saved.values()).count(20 * 16 * 4) == 2  # M = 10 * top_k rows of D = 16 floats
 
 
+def _simulate_in_fresh_process(arch, layout, rank: int, steps: int):
+    # RSS only grows with new allocations: after other tests freed memory in this process, glibc serves
+    # the rank's tensors from pages it kept, and the measured growth reads 0. A fresh process measures.
+    code = ("import pickle, sys; from lightning_moe.simulate import simulate_step; "
+            "a, l, r, s = pickle.loads(sys.stdin.buffer.read()); "
+            "sys.stdout.buffer.write(pickle.dumps(simulate_step(a, l, rank=r, steps=s)))")
+    done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps((arch, layout, rank, steps)),
+                          capture_output=True, check=True, timeout=300)
+    return pickle.loads(done.stdout)
+
+
 def test_one_rank_step_at_small_scale():
     arch = dataclasses.replace(SMALL, dim=64, vocab=4096)  # MiBs of weights, so that RSS sees them
     layout = simulation_layout(Layout(gpus=8, gpu_memory=GIB, ep=4), seq_len=16, micro_batch=2)
-    report = simulate_step(arch, layout, rank=5, steps=2)
+    report = _simulate_in_fresh_process(arch, layout, rank=5, steps=2)
     per_rank = params_per_rank(arch, layout)
     assert (report.ep_rank, report.dp_rank, report.local_experts) == (1, 1, (2, 3))
     assert report.materialised_params == report.predicted_params == per_rank.materialised
