@@ -20,6 +20,8 @@ import time
 import lightning as L
 from _common import ByteDataModule, LanguageModel, LMConfig, add_trainer_args, count_params, make_trainer
 
+import lightning_moe as lmoe
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--batch-size", type=int, default=16, help="per device")
     model.add_argument("--lr", type=float, default=3e-3)
     model.add_argument("--val-every", type=int, default=50, help="held-out evaluation every N steps")
-    add_trainer_args(parser, devices=2, max_steps=300)
+    add_trainer_args(parser, devices=2, max_steps=400)
     args = parser.parse_args(argv)
     if args.smoke:
         args.dim, args.layers, args.heads, args.ffn_hidden, args.seq_len, args.batch_size = 32, 1, 2, 64, 32, 4
@@ -50,7 +52,12 @@ def main(argv=None) -> dict:
                       ffn_hidden=args.ffn_hidden, num_experts=args.num_experts, top_k=args.top_k)
     data = ByteDataModule(args.seq_len, args.batch_size, max_bytes=20_000 if args.smoke else None)
     model = LanguageModel(config, lr=args.lr)
-    trainer = make_trainer(args, "language_model", val_check_interval=args.val_every,
+    callbacks = []
+    try:  # a heatmap of tokens per expert per layer in TensorBoard (needs matplotlib)
+        callbacks.append(lmoe.callbacks.ExpertLoadMonitor(every_n_steps=args.val_every))
+    except ModuleNotFoundError:
+        pass
+    trainer = make_trainer(args, "language_model", val_check_interval=args.val_every, callbacks=callbacks,
                            check_val_every_n_epoch=None, limit_val_batches=2 if args.smoke else 1.0)
     total, active = count_params(model)
     if trainer.is_global_zero:
