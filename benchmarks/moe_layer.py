@@ -29,26 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_moe.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+
 TOKENS, DIM, HIDDEN, TOP_K = 4096, 256, 1024, 2
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> None:
-    # Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status (peak memory needs Linux)")
 
 
 class Floor(nn.Module):
@@ -116,10 +99,10 @@ def _memory_child(name: str, experts: int, dtype: str) -> None:
     module, x = build(name, experts, getattr(torch, dtype))
     step(module, x)  # first step allocates grads once; measure the second, steady-state one
     module.zero_grad(set_to_none=False)
-    before = _rss_bytes()
-    _reset_peak_rss()
+    before = rss_bytes()
+    reset_peak_rss()
     step(module, x)
-    print(_peak_rss_bytes() - before)
+    print(peak_rss_bytes() - before)
 
 
 def main(argv: list[str] | None = None) -> dict:

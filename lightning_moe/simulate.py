@@ -29,7 +29,6 @@ import ctypes
 import ctypes.util
 import dataclasses
 import gc
-import os
 import statistics
 import time
 import zlib
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 
 from lightning_moe.distributed.expert_parallel import ExpertShard, find_moe_layers, shard_moe_layer
 from lightning_moe.distributed.simulated import SimulatedExpertParallel
+from lightning_moe.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from lightning_moe.nn.experts import GroupedExperts
 from lightning_moe.nn.moe import MoE
 from lightning_moe.plan import (
@@ -413,10 +413,10 @@ def simulate_step(arch: Architecture, layout: Layout, rank: int = 0, steps: int 
     if exact_rss:
         _mmap_large_allocations()
     gc.collect()
-    base = _rss_bytes()
-    _reset_peak_rss()
+    base = rss_bytes()
+    reset_peak_rss()
     materialised = materialise_rank(model, seed)
-    param_bytes = _rss_bytes() - base
+    param_bytes = rss_bytes() - base
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     times, state_bytes, saved_bytes, loss = [], 0, 0, None
     for step in range(steps):
@@ -435,8 +435,8 @@ def simulate_step(arch: Architecture, layout: Layout, rank: int = 0, steps: int 
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in the planner (and DDP buckets)
         times.append(time.perf_counter() - start)
         if step == 0:
-            state_bytes = _rss_bytes() - base
-    peak = _peak_rss_bytes() - base
+            state_bytes = rss_bytes() - base
+    peak = peak_rss_bytes() - base
     return SimulationReport(
         rank, ep_rank, dp_rank, (shards[0].offset, shards[0].offset + shards[0].num_local - 1) if shards else (0, -1),
         materialised, per_rank.materialised, param_bytes, state_bytes,
@@ -466,26 +466,8 @@ def _count_saved_tensors(model: nn.Module, record: bool):
         yield saved
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _mmap_large_allocations(threshold: int = 1 << 16) -> None:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     if not hasattr(libc, "mallopt") or libc.mallopt(-3, threshold) != 1:  # -3: M_MMAP_THRESHOLD
         raise RuntimeError("simulate_step: exact_rss=True needs glibc's mallopt; pass exact_rss=False")
 
-
-def _reset_peak_rss() -> None:
-    # Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status (peak memory needs Linux)")
