@@ -41,9 +41,11 @@ class HeldOutCurve(L.Callback):
         self.points: list[tuple[int, float]] = []
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
+        step = trainer.global_step + self.offset
+        if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics or (
+                self.points and self.points[-1][0] == step):  # the final validate repeats the last point
             return
-        self.points.append((trainer.global_step + self.offset, float(trainer.callback_metrics["val_loss"])))
+        self.points.append((step, float(trainer.callback_metrics["val_loss"])))
 
 
 class Snapshot(L.Callback):
@@ -149,6 +151,10 @@ def report_results(args, results: list[dict]) -> None:
              f"experts x width {args.ffn_hidden // args.top_k} top-{args.top_k}; batch {args.batch_size} x "
              f"{args.seq_len} bytes, {args.max_steps} steps, lr {args.lr}, seed {args.seed}, "
              f"precision {args.precision}, devices {args.devices}")
+    if any(r["name"] == "upcycled" for r in results):
+        rows.append(f"\nupcycled: steps 1-{args.max_steps // 2} are the dense run's; its train time counts the "
+                    f"{args.max_steps - args.max_steps // 2} steps after upcycling. Train times depend on the "
+                    "machine's load.")
     table = "\n".join(rows)
     print(f"\n{setup}\n{table}\n")
     os.makedirs(args.out, exist_ok=True)
