@@ -22,6 +22,8 @@ are left alone):
   of the kinds above become :class:`~lightning_moe.nn.TemplateExperts`: copies of the module itself.
 
 Anything that matched but could not be converted is listed in :attr:`UpcycleReport.skipped` with the reason.
+Stacked experts have no dropout: a dropout inside a converted block (e.g. the one between a torch layer's two
+linears) is dropped, and :attr:`UpcycleReport.notes` says so.
 """
 
 from __future__ import annotations
@@ -268,6 +270,7 @@ def upcycle(
     _disable_nested_tensor_fast_path(model)
     report.params_after = _count(model)
     _exactness(report, noise, top_k, moe_kwargs)
+    report.notes += converter.notes
     if not report.converted:
         warnings.warn(f"upcycle: no feed-forward block was converted in {type(model).__name__}"
                       + (f" (skipped: {[s.name for s in report.skipped]})" if report.skipped else "")
@@ -355,6 +358,7 @@ class _Converter:
         self.top_k = top_k
         self.noise = noise
         self.moe_kwargs = moe_kwargs
+        self.notes: list[str] = []  # things the report should say about converted blocks
 
     def convert(self, name: str, module: nn.Module) -> tuple[nn.Module, UpcycledModule]:
         """Return the replacement (or ``module`` itself when converted in place) and its report entry."""
@@ -369,6 +373,7 @@ class _Converter:
             moe = self._stacked(module, spec)
             if moe is not None:
                 kind = "swiglu_mlp" if moe.activation == "swiglu" else "mlp"
+                self._note_dropout(name, module)
                 return moe, self._info(name, kind, module, moe)
         return self._template(name, module)
 
@@ -393,6 +398,7 @@ class _Converter:
                                 linear1.weight)
             self._copy_stacked(moe, linear1.weight.t(), linear1.bias, linear2.weight.t(), linear2.bias, None)
         info = self._info(name, kind, dense, moe)
+        self._note_dropout(name, layer.dropout)  # neither expert kind applies the layer's inner dropout
         del layer.linear1
         del layer.linear2
         layer.moe = moe
@@ -468,6 +474,13 @@ class _Converter:
                 param.copy_(dense.unsqueeze(0).expand_as(param) if dense is not None else torch.zeros_like(param))
                 if self.noise > 0:
                     param.mul_(1 + self.noise * torch.randn_like(param))
+
+    def _note_dropout(self, name: str, dense: nn.Module) -> None:
+        # The experts have no dropout: say so when the dense block had one (training only; eval is exact).
+        rates = sorted({m.p for m in dense.modules() if isinstance(m, nn.Dropout) and m.p > 0})
+        if rates:
+            self.notes.append(f"{name or '<root>'}: dropout p={rates} inside the dense block is not applied by the "
+                              "experts")
 
     @staticmethod
     def _zero_shared(moe: MoE) -> None:

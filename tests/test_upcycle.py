@@ -61,6 +61,7 @@ def test_encoder_layer_is_exact(kwargs):
     assert not hasattr(layer, "linear1") and not hasattr(layer, "linear2")
     (info,) = report.converted
     assert (info.kind, info.dim, info.hidden_dim) == ("encoder_layer", D, 40)
+    assert any("dropout p=[0.1]" in note for note in report.notes)  # the inner dropout is not carried over
     assert (layer.moe.experts.b1 is not None) == kwargs.get("bias", True)
     # Every expert holds the dense weights: w1[e] is linear1.weight.T for all e.
     w1 = layer.moe.experts.w1
