@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import subprocess
@@ -30,6 +29,8 @@ from lightning_moe.compress import (
     quantize_per_channel,
 )
 from lightning_moe.nn.experts import GroupedExperts
+
+from launch import run_rank_script
 
 DIM = 32
 
@@ -371,14 +372,8 @@ EP_SCRIPT = textwrap.dedent("""
 def test_compression_callbacks_under_expert_parallelism(tmp_path):
     """strategy="moe" on 2 processes: each rank compresses its 4 of 8 experts before test; the test loss is the
     single-process compressed model's, and after test every rank holds the full compressed model."""
-    script = tmp_path / "ep_compression.py"
-    script.write_text(EP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for r in (0, 1):
-        result = json.loads((tmp_path / f"rank{r}.json").read_text())
+    ranks = run_rank_script(tmp_path, "ep_compression.py", EP_SCRIPT)
+    for result in ranks:
         for name, bank in (("int8", "QuantizedGroupedExperts"), ("lowrank", "LowRankGroupedExperts")):
             row = result[name]
             assert row["bank"] == bank and row["num_experts"] == 8 and row["same_outputs"]

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import copy
-import os
 import pickle
-import subprocess
-import sys
 import textwrap
 
 import lightning.pytorch as L
@@ -17,6 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoE, MoELightningModule
+
+from launch import run_rank_script
 
 STATS = ("aux_loss", "z_loss", "dropped_fraction", "load_imbalance", "routing_entropy")
 
@@ -437,15 +436,8 @@ def ddp_batches(rank: int | None = None) -> DataLoader:
 @pytest.mark.slow
 def test_ddp_adds_aux_and_balances_on_counts_of_all_ranks(tmp_path):
     """2-process gloo DDP: bias after 6 steps equals the single-process run on the global batches."""
-    import json
 
-    script = tmp_path / "ddp_module.py"
-    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_rank_script(tmp_path, "ddp_module.py", DDP_SCRIPT)
 
     torch.manual_seed(0)
     single = Tiny(lr=0.0, bias_update_rate=0.05, top_k=1)

@@ -7,10 +7,11 @@ import time
 
 import pytest
 import torch
-from reference import reference_moe
 from torch import nn
 
 from lightning_moe import MoE
+
+from reference import reference_moe
 
 ROUTING_OPTIONS = [
     dict(top_k=1),

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import lightning.pytorch as pl
@@ -19,6 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoE
 from lightning_moe.callbacks.precision import NonFiniteGuard, RouterPrecision
+
+from launch import run_rank_script
 
 DIM = 16
 
@@ -291,14 +289,8 @@ EP_SCRIPT = textwrap.dedent("""
 def test_bf16_true_expert_parallel_float32_routers_and_all_ranks_skip_together(tmp_path):
     """strategy="moe" on 2 processes under bf16-true: routers float32, experts bf16; a non-finite loss on
     rank 1 alone (finite gradients everywhere) makes both ranks skip that step."""
-    script = tmp_path / "ep_precision.py"
-    script.write_text(EP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for r in (0, 1):
-        result = json.loads((tmp_path / f"rank{r}.json").read_text())
+    ranks = run_rank_script(tmp_path, "ep_precision.py", EP_SCRIPT)
+    for result in ranks:
         assert result["dtypes"] == {"gate": "torch.float32", "expert_bias": "torch.float32", "w1": "torch.bfloat16",
                                     "head": "torch.bfloat16", "gate_in_optimizer": "True"}
         assert result["logits"] == ["torch.float32"]

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import lightning.pytorch as pl
@@ -28,6 +24,8 @@ from lightning_moe.callbacks.pruning import (
     remove_experts,
 )
 from lightning_moe.nn.experts import GroupedExperts
+
+from launch import run_rank_script
 
 DIM = 16
 DEAD = (1, 6)  # experts the router never picks in the fit tests
@@ -270,13 +268,7 @@ DDP_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_expert_pruning_under_ddp_agrees_on_global_counts_and_rewraps(tmp_path):
     """2 gloo processes, different data: both prune the same experts (counts summed) and stay in sync."""
-    script = tmp_path / "ddp_pruning.py"
-    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_rank_script(tmp_path, "ddp_pruning.py", DDP_SCRIPT)
     total = torch.tensor(ranks[0]["counts"]) + torch.tensor(ranks[1]["counts"])
     expected = sorted(torch.sort(total, descending=True, stable=True).indices[:3].tolist())
     assert ranks[0]["kept"] == ranks[1]["kept"] == expected
@@ -457,19 +449,13 @@ def test_pruning_under_expert_parallelism(tmp_path):
     """strategy="moe", 2 processes, 4 of 8 experts each. Magnitude pruning: the checkpoint holds all 8 experts,
     masks folded in. ExpertPruning keep=3 -> 4 (a multiple of 2): experts gathered, pruned, sharded again
     (2 per rank), training continues, and the model holds exactly the kept experts."""
-    script = tmp_path / "ep_pruning.py"
-    script.write_text(EP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = run_rank_script(tmp_path, "ep_pruning.py", EP_SCRIPT)
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
     assert not any(k.endswith(("_orig", "_mask")) for k in state)
     assert state["moe.experts.w1"].shape == (8, DIM, 32) and state["moe.experts.w2"].shape == (8, 32, DIM)
     zeros = sum(int((state[f"moe.experts.{w}"] == 0).sum()) for w in ("w1", "w2"))
     assert zeros == 8 * DIM * 32  # each rank pruned half of its own experts' weights
 
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     total = torch.tensor(ranks[0]["counts"]) + torch.tensor(ranks[1]["counts"])
     expected = sorted(torch.sort(total, descending=True, stable=True).indices[:4].tolist())
     assert not set(DEAD) & set(expected)

@@ -23,9 +23,9 @@ import torch
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from ep_models import BalancedModel, Model, make_data, probe_input, reference_train  # noqa: E402
-
 from lightning_moe.strategy import consolidate_checkpoint  # noqa: E402
+
+from ep_models import BalancedModel, Model, make_data, probe_input, reference_train  # noqa: E402
 
 TOL = 1e-5
 

@@ -19,11 +19,12 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning.pytorch as L  # noqa: E402
-from ep_models import STEPS, BalancedModel, Model, eval_loader, probe_input  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 import lightning_moe as lmoe  # noqa: E402
 from lightning_moe.distributed.expert_parallel import expert_parameters  # noqa: E402
+
+from ep_models import STEPS, BalancedModel, Model, eval_loader, probe_input  # noqa: E402
 
 OUT = Path(sys.argv[2])
 WORLD = int(os.environ.get("LOCAL_WORLD_SIZE", 2))  # devices under torchrun
