@@ -85,6 +85,23 @@ class ExpertParallelDispatcher:
     def __init__(self, shard: ExpertShard, group: dist.ProcessGroup) -> None:
         self.shard = shard
         self.group = group
+        # (kept_counts_E, received counts, host counts) from exchange_counts, for the call on the same counts
+        self._exchanged: tuple[Tensor, Tensor, list[int]] | None = None
+
+    def exchange_counts(self, kept_counts_E: Tensor) -> list[int]:
+        """All-to-all the per-expert counts and bring sent and received counts to the host at once.
+
+        The layer calls this instead of its own ``kept_counts_E.tolist()``, so an expert-parallel
+        layer syncs with the host once per forward, not twice; the next ``__call__`` reuses the result.
+
+        Returns:
+            ``kept_counts_E`` as a host list.
+        """
+        recv_counts_SL = all_to_all_counts(kept_counts_E.long(), self.group)
+        # NOTE: the one host sync of an EP layer: split sizes and expert GEMMs need the counts.
+        counts = torch.cat([kept_counts_E.long(), recv_counts_SL]).tolist()
+        self._exchanged = (kept_counts_E, recv_counts_SL, counts)
+        return counts[: kept_counts_E.numel()]
 
     def __repr__(self) -> str:
         s = self.shard
@@ -93,10 +110,11 @@ class ExpertParallelDispatcher:
 
     def __call__(self, x_MD: Tensor, kept_counts_E: Tensor, local_experts: nn.Module) -> Tensor:
         P, L = self.shard.ep_size, self.shard.num_local
-        # 1. counts: chunk r of kept_counts_E (L experts) goes to EP rank r.
-        recv_counts_SL = all_to_all_counts(kept_counts_E.long(), self.group)
-        # NOTE: host sync; the split sizes of the token all-to-all and the expert GEMMs need them.
-        counts = torch.cat([kept_counts_E.long(), recv_counts_SL]).tolist()
+        # 1. counts: chunk r of kept_counts_E (L experts) goes to EP rank r (already done when the
+        # layer called exchange_counts for this forward).
+        if self._exchanged is None or self._exchanged[0] is not kept_counts_E:
+            self.exchange_counts(kept_counts_E)
+        (_, recv_counts_SL, counts), self._exchanged = self._exchanged, None
         send_E, recv_SL = counts[: P * L], counts[P * L:]
         input_splits = [sum(send_E[r * L:(r + 1) * L]) for r in range(P)]
         output_splits = [sum(recv_SL[s * L:(s + 1) * L]) for s in range(P)]

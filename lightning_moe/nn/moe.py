@@ -17,7 +17,8 @@ from lightning_moe.nn.router import ExpertChoiceRouter, TokenChoiceRouter
 
 ROUTERS = ("token_choice", "expert_choice")
 
-# (x_MD grouped by global expert, kept_counts_E, local experts) -> y_MD in the same order.
+# (x_MD grouped by global expert, kept_counts_E, local experts) -> y_MD in the same order. A dispatcher
+# may also offer exchange_counts(kept_counts_E) -> host list, which the layer then calls for its sync.
 ExpertDispatcher = Callable[[Tensor, Tensor, nn.Module], Tensor]
 
 
@@ -265,8 +266,10 @@ class MoE(nn.Module):
             capacity = MF.expert_capacity(self.capacity_factor, num_routed, self.top_k, self.num_experts)
         # 1. Sort the T*K assignments (k-major) by expert; capacity drops overflow, deterministically.
         order_N, _, counts_E, kept_counts_E = MF.sort_by_expert(routing.top_ids_TK, self.num_experts, capacity)
-        # NOTE: the one host sync of the layer: per-expert counts size the expert GEMMs.
-        kept_counts = kept_counts_E.tolist()
+        # NOTE: the one host sync of the layer: per-expert counts size the expert GEMMs. An
+        # expert-parallel dispatcher folds its count exchange into the same sync.
+        exchange = getattr(self.expert_dispatcher, "exchange_counts", None)
+        kept_counts = exchange(kept_counts_E) if exchange is not None else kept_counts_E.tolist()
         order_M = order_N[: sum(kept_counts)]
         # 2. Gather tokens into one contiguous buffer grouped by expert (flat index n = k*T + t).
         token_M = order_M % num_tokens if num_tokens else order_M
