@@ -266,11 +266,12 @@ def add_trainer_args(parser: argparse.ArgumentParser, devices: int = 1, max_step
 
 
 def default_strategy(args: argparse.Namespace) -> str:
-    from lightning.pytorch.strategies import StrategyRegistry  # TEMPORARY fallback
-
-    if "moe" not in StrategyRegistry and args.devices > 1 and not args.strategy:
-        return "ddp"
     return args.strategy or ("moe" if args.devices > 1 else "auto")
+
+
+def shrink_language_model_for_smoke(args: argparse.Namespace) -> None:
+    """Tiny language-model sizes for ``--smoke`` runs (the tests run every example this way)."""
+    args.dim, args.layers, args.heads, args.ffn_hidden, args.seq_len, args.batch_size = 32, 1, 2, 64, 32, 4
 
 
 def make_logger(args: argparse.Namespace, name: str):

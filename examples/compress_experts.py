@@ -29,7 +29,15 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
-from _common import VOCAB, ByteDataModule, LanguageModel, LMConfig, add_trainer_args, make_trainer
+from _common import (
+    VOCAB,
+    ByteDataModule,
+    LanguageModel,
+    LMConfig,
+    add_trainer_args,
+    make_trainer,
+    shrink_language_model_for_smoke,
+)
 
 import lightning_moe as lmoe
 from lightning_moe.callbacks import ExpertMagnitudePruning, ExpertPruning
@@ -54,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_trainer_args(parser, devices=1, max_steps=400)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.dim, args.layers, args.heads, args.ffn_hidden, args.seq_len, args.batch_size = 32, 1, 2, 64, 32, 4
+        shrink_language_model_for_smoke(args)
         args.max_steps, args.finetune_steps, args.eval_batches = min(args.max_steps, 4), 2, 2
     return args
 

@@ -18,7 +18,15 @@ import math
 import time
 
 import lightning as L
-from _common import ByteDataModule, LanguageModel, LMConfig, add_trainer_args, count_params, make_trainer
+from _common import (
+    ByteDataModule,
+    LanguageModel,
+    LMConfig,
+    add_trainer_args,
+    count_params,
+    make_trainer,
+    shrink_language_model_for_smoke,
+)
 
 import lightning_moe as lmoe
 
@@ -40,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_trainer_args(parser, devices=2, max_steps=400)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.dim, args.layers, args.heads, args.ffn_hidden, args.seq_len, args.batch_size = 32, 1, 2, 64, 32, 4
+        shrink_language_model_for_smoke(args)
         args.max_steps, args.val_every = min(args.max_steps, 3), 3
     return args
 
