@@ -1,5 +1,5 @@
-"""Shared example code: the byte-level corpus, a small GPT-style language model with MoE or dense MLPs, and
-Trainer set-up from command-line flags.
+"""Shared example code: the byte-level corpus, a small GPT-style language model with MoE or dense MLPs (the
+package's :class:`lightning_moe.models.Transformer`), and Trainer set-up from command-line flags.
 
 The corpus is the Python documentation text that ships with CPython (``pydoc_data.topics``, ~466 kB), so the
 examples run offline. Bytes are the vocabulary (256 symbols); the last ``held_out`` share of the text is the
@@ -26,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import lightning_moe as lmoe  # noqa: E402  (registers the "moe" strategy)
+from lightning_moe.architecture import Architecture  # noqa: E402
+from lightning_moe.models import Transformer  # noqa: E402
 
 VOCAB = 256
 
@@ -105,82 +107,25 @@ class LMConfig:
     num_experts: int = 8
     top_k: int = 2
     moe_every: int = 1
-    dropout: float = 0.0
     aux_loss_coef: float = 1e-2
 
     @property
     def expert_hidden(self) -> int:
         return self.ffn_hidden // self.top_k
 
-
-class MLP(nn.Module):
-    """The dense feed-forward block; named ``mlp`` in a block, so :func:`lightning_moe.upcycle` finds it."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def architecture(self) -> Architecture:
+        """The planner's description of this model: GELU MLPs, a lm head tied to the byte embedding."""
+        dense = self.num_experts == 0  # every layer dense: dense_layers covers them all, the experts are unused
+        return Architecture(self.layers, self.dim, self.heads, VOCAB, self.expert_hidden,
+                            experts=max(self.num_experts, self.top_k), top_k=self.top_k, tie_embeddings=True,
+                            ffn_hidden=self.ffn_hidden, activation="gelu", moe_every=self.moe_every,
+                            dense_layers=self.layers if dense else 0, name="byte-lm")
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.dropout = dropout
-
-    def forward(self, x_BSD: Tensor) -> Tensor:
-        b, s, d = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(b, s, d))
-
-
-class Block(nn.Module):
-    def __init__(self, config: LMConfig, moe: bool) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(config.dim)
-        self.attn = CausalSelfAttention(config.dim, config.heads, config.dropout)
-        self.ln2 = nn.LayerNorm(config.dim)
-        if moe:
-            self.mlp: nn.Module = lmoe.MoE(config.dim, config.num_experts, config.top_k,
-                                           hidden_dim=config.expert_hidden, activation="gelu", bias=True,
-                                           aux_loss_coef=config.aux_loss_coef)
-        else:
-            self.mlp = MLP(config.dim, config.ffn_hidden)
-        self.drop = nn.Dropout(config.dropout)
-
-    def forward(self, x_BSD: Tensor) -> Tensor:
-        x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD)))
-        return x_BSD + self.drop(self.mlp(self.ln2(x_BSD)))
-
-
-class TransformerLM(nn.Module):
-    """Decoder-only transformer over bytes: token + learned position embeddings, pre-norm blocks, tied head."""
-
-    def __init__(self, config: LMConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.embed = nn.Embedding(VOCAB, config.dim)
-        self.pos = nn.Parameter(torch.zeros(config.seq_len, config.dim))
-        self.blocks = nn.ModuleList(
-            Block(config, moe=config.num_experts > 0 and (i + 1) % config.moe_every == 0)
-            for i in range(config.layers)
-        )
-        self.ln_f = nn.LayerNorm(config.dim)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        nn.init.normal_(self.pos, std=0.02)
-
-    def forward(self, idx_BS: Tensor) -> Tensor:
-        x_BSD = self.embed(idx_BS) + self.pos[: idx_BS.shape[1]]
-        for block in self.blocks:
-            x_BSD = block(x_BSD)
-        return self.ln_f(x_BSD) @ self.embed.weight.t()  # logits [B, S, V]
+def build_language_model(config: LMConfig) -> Transformer:
+    """The package's decoder-only transformer (:class:`lightning_moe.models.Transformer`) with learned positions."""
+    return Transformer(config.architecture(), max_seq_len=config.seq_len,
+                       moe_kwargs={"aux_loss_coef": config.aux_loss_coef})
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -211,7 +156,7 @@ class LanguageModel(lmoe.MoELightningModule):
         config = LMConfig(**config) if isinstance(config, dict) else config
         self.save_hyperparameters({"config": asdict(config), "lr": lr, "warmup": warmup,
                                    "schedule_steps": schedule_steps, "schedule_offset": schedule_offset})
-        self.model = TransformerLM(config)
+        self.model = build_language_model(config)
 
     def forward(self, idx_BS: Tensor) -> Tensor:
         return self.model(idx_BS)

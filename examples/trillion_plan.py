@@ -25,8 +25,9 @@ import argparse
 import dataclasses
 import time
 
+from lightning_moe.dry_run import shard_for_rank, simulate_step, simulation_layout
+from lightning_moe.models import build_model, num_params
 from lightning_moe.plan import PRESETS, Layout, count_params, params_per_rank, plan
-from lightning_moe.simulate import build_model, count, shard_for_rank, simulate_step, simulation_layout
 
 GIB = 1024**3
 TRILLION = PRESETS["trillion"]
@@ -55,16 +56,16 @@ def main(argv=None) -> None:
     print(f"\n== 2. the {TRILLION.name} model on the meta device, rank {args.rank}'s share ==")
     start = time.perf_counter()
     model = build_model(TRILLION, device="meta")
-    built = count(model)
+    built = num_params(model)
     shards = shard_for_rank(model, args.rank, LAYOUT)
     per_rank = params_per_rank(TRILLION, LAYOUT)
     first = shards[0]
     print(f"built                  {built:,} parameters (planner {count_params(TRILLION).total:,}) "
           f"in {time.perf_counter() - start:.1f} s")
     print(f"rank {args.rank:<17} ep_rank {first.ep_rank}: expert {first.offset} of each of {len(shards)} MoE "
-          f"layers, {count(model):,} parameters to materialise (planner {per_rank.materialised:,}; "
+          f"layers, {num_params(model):,} parameters to materialise (planner {per_rank.materialised:,}; "
           f"stored with sharded dense weights: {per_rank.stored:,})")
-    if built != count_params(TRILLION).total or count(model) != per_rank.materialised:
+    if built != count_params(TRILLION).total or num_params(model) != per_rank.materialised:
         raise SystemExit("counts differ from the planner")
     del model
 

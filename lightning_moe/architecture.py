@@ -115,6 +115,10 @@ class Architecture:
         )
         need(self.mla or not (self.q_lora_rank or self.rope_head_dim), "q_lora_rank, rope_head_dim need kv_lora_rank>0")
 
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer ``i`` (0-based) has an MoE FFN: ``i >= dense_layers`` and every ``moe_every``-th after."""
+        return i >= self.dense_layers and (i - self.dense_layers + 1) % self.moe_every == 0
+
     @property
     def moe_layers(self) -> int:
         """Layers with an MoE FFN."""

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoE
 from lightning_moe.callbacks import ExpertLoadMonitor
+
+from helpers import RegressionData, make_trainer
 
 
 class Plain(L.LightningModule):
@@ -43,19 +44,9 @@ class Plain(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def loader() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 8, generator=g)
-    x[:, 0] += 1.5
-    return DataLoader(TensorDataset(x, torch.randn(64, generator=g)), batch_size=8)
-
-
 def fit(model, callbacks, logger=False, **kwargs) -> L.Trainer:
-    args = dict(accelerator="cpu", max_steps=4, logger=logger, callbacks=callbacks, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False)
-    args.update(kwargs)
-    trainer = L.Trainer(**args)
-    trainer.fit(model, loader())
+    trainer = make_trainer(**{"max_steps": 4, **kwargs}, logger=logger, callbacks=callbacks)
+    trainer.fit(model, datamodule=RegressionData(n=64, offset=1.5))
     return trainer
 
 

@@ -1,11 +1,12 @@
-"""Build a planned MoE transformer for real, one rank at a time, and run that rank's training step.
+"""Dry run of a planned job: one rank of it built for real, in this process, and its training step run.
 
 The capacity planner (:mod:`lightning_moe.plan`) predicts a rank's parameters, memory and traffic; this module
 checks those predictions against a real model made of :class:`~lightning_moe.MoE` layers:
 
-1. :func:`build_model` turns an :class:`~lightning_moe.plan.Architecture` into a decoder-only transformer whose
-   parameter count equals :func:`~lightning_moe.plan.count_params` exactly; on the meta device it costs no
-   memory at any size (a trillion parameters included).
+1. :func:`~lightning_moe.models.build_model` turns an :class:`~lightning_moe.plan.Architecture` into the
+   decoder-only :class:`~lightning_moe.models.Transformer` whose parameter count equals
+   :func:`~lightning_moe.plan.count_params` exactly; on the meta device it costs no memory at any size (a
+   trillion parameters included).
 2. :func:`shard_for_rank` keeps only the experts of global rank ``r`` of a :class:`~lightning_moe.plan.Layout`
    (the strategy's :func:`~lightning_moe.distributed.shard_moe_layer`, still on meta) and installs a
    :class:`~lightning_moe.distributed.simulated.SimulatedExpertParallel` dispatcher in every MoE layer.
@@ -15,11 +16,10 @@ checks those predictions against a real model made of :class:`~lightning_moe.MoE
 4. :func:`simulate_step` runs forward, backward and an Adam step of that rank, measuring peak memory (growth
    of peak RSS) and step time against the planner's prediction for the same layout.
 
-The model: token embedding, ``layers`` pre-norm blocks (RMSNorm, causal grouped-query attention through
-``scaled_dot_product_attention``, RMSNorm, SwiGLU/GELU/... FFN: dense or :class:`~lightning_moe.MoE`), final
-RMSNorm and lm head (tied or not). No positional encoding (NoPE, parameter-free either way), no biases.
+Not to be confused with :mod:`lightning_moe.distributed.simulated` (the expert-parallel dispatcher whose peers
+are simulated, used here) or :mod:`lightning_moe.plan` (the formulas, no tensors).
 
-Shape legend: B micro-batch, S sequence, D model width, V vocabulary, H heads, G kv heads, A head width.
+Shape legend: B micro-batch, S sequence, V vocabulary.
 """
 
 from __future__ import annotations
@@ -41,154 +41,13 @@ from torch import Tensor, nn
 from lightning_moe.distributed.expert_parallel import ExpertShard, find_moe_layers, shard_moe_layer
 from lightning_moe.distributed.simulated import SimulatedExpertParallel
 from lightning_moe.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from lightning_moe.models.transformer import Transformer, build_model, num_params
 from lightning_moe.nn.experts import GroupedExperts
-from lightning_moe.nn.moe import MoE
-from lightning_moe.plan import (
-    GATED_ACTIVATIONS,
-    Architecture,
-    Layout,
-    check_layout,
-    count_params,
-    params_per_rank,
-    plan,
-)
+from lightning_moe.plan import Architecture, Layout, check_layout, params_per_rank, plan
 
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 _SIMULATED = {"dense_sharding": "replicated", "expert_sharding": "replicated", "weight_dtype": "fp32",
               "grad_dtype": "fp32", "optim_dtype": "fp32", "act_dtype": "fp32", "activation_checkpointing": False,
               "flash_attention": True}  # fmt: skip
-
-
-class Attention(nn.Module):
-    """Causal grouped-query attention without biases (``q, k, v, o`` as the planner counts them)."""
-
-    def __init__(self, arch: Architecture, device=None, dtype=None) -> None:
-        super().__init__()
-        factory = {"bias": False, "device": device, "dtype": dtype}
-        self.heads, self.kv_heads, self.head_dim, self.v_head_dim = (
-            arch.heads, arch.kv_heads, arch.head_dim, arch.v_head_dim)  # fmt: skip
-        self.q = nn.Linear(arch.dim, arch.heads * arch.head_dim, **factory)
-        self.k = nn.Linear(arch.dim, arch.kv_heads * arch.head_dim, **factory)
-        self.v = nn.Linear(arch.dim, arch.kv_heads * arch.v_head_dim, **factory)
-        self.o = nn.Linear(arch.heads * arch.v_head_dim, arch.dim, **factory)
-
-    def forward(self, x_BSD: Tensor) -> Tensor:
-        B, S, _ = x_BSD.shape
-        # NOTE: contiguous copies: CPU flash attention's backward on transposed views measured 50x slower.
-        q_BHSA = self.q(x_BSD).view(B, S, self.heads, self.head_dim).transpose(1, 2).contiguous()
-        k_BGSA = self.k(x_BSD).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2).contiguous()
-        v_BGSA = self.v(x_BSD).view(B, S, self.kv_heads, self.v_head_dim).transpose(1, 2).contiguous()
-        # NOTE: on CPU (and CUDA) this is a flash kernel: it keeps q, k, v, the output and an fp32
-        # log-sum-exp per head and token for backward, never the S x S scores (planner: flash_attention).
-        out_BHSA = F.scaled_dot_product_attention(
-            q_BHSA, k_BGSA, v_BGSA, is_causal=True, enable_gqa=self.kv_heads != self.heads)
-        return self.o(out_BHSA.transpose(1, 2).reshape(B, S, self.heads * self.v_head_dim))
-
-
-class DenseFFN(nn.Module):
-    """Feed-forward block ``w2(act(w1 x) [* w3 x])``; ``w3`` only for swiglu."""
-
-    def __init__(self, dim: int, hidden: int, activation: str, device=None, dtype=None) -> None:
-        super().__init__()
-        factory = {"bias": False, "device": device, "dtype": dtype}
-        self.activation = activation
-        self.w1 = nn.Linear(dim, hidden, **factory)
-        self.w3 = nn.Linear(dim, hidden, **factory) if activation == "swiglu" else None
-        self.w2 = nn.Linear(hidden, dim, **factory)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.w3 is not None:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        return self.w2(_ACTIVATIONS[self.activation](self.w1(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))`` (dense or MoE)."""
-
-    def __init__(self, arch: Architecture, moe: bool, device=None, dtype=None) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.attn_norm = nn.RMSNorm(arch.dim, **factory)
-        self.attn = Attention(arch, **factory)
-        self.ffn_norm = nn.RMSNorm(arch.dim, **factory)
-        if moe:
-            self.ffn: nn.Module = MoE(arch.dim, arch.experts, arch.top_k, hidden_dim=arch.expert_hidden,
-                                      activation=arch.activation, num_shared_experts=arch.shared_experts, **factory)
-        else:
-            self.ffn = DenseFFN(arch.dim, arch.ffn_hidden, arch.dense_activation, **factory)
-
-    def forward(self, x_BSD: Tensor) -> Tensor:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
-        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
-
-
-class MoETransformer(nn.Module):
-    """Decoder-only MoE transformer built from an :class:`~lightning_moe.plan.Architecture` (see :func:`build_model`).
-
-    Layer ``i`` is MoE iff ``i >= dense_layers`` and ``(i - dense_layers + 1) % moe_every == 0`` (the planner's
-    convention).
-    """
-
-    def __init__(self, arch: Architecture, device=None, dtype=None) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.arch = arch
-        self.embed = nn.Embedding(arch.vocab, arch.dim, **factory)
-        self.blocks = nn.ModuleList(
-            Block(arch, i >= arch.dense_layers and (i - arch.dense_layers + 1) % arch.moe_every == 0, **factory)
-            for i in range(arch.layers)
-        )
-        self.norm = nn.RMSNorm(arch.dim, **factory)
-        self.head = nn.Linear(arch.dim, arch.vocab, bias=False, **factory)
-        if arch.tie_embeddings:
-            self.head.weight = self.embed.weight
-
-    def forward(self, tokens_BS: Tensor) -> Tensor:
-        """Logits ``[B, S, V]`` of next tokens."""
-        x_BSD = self.embed(tokens_BS)
-        for block in self.blocks:
-            x_BSD = block(x_BSD)
-        return self.head(self.norm(x_BSD))
-
-    def aux_loss(self) -> Tensor:
-        """Sum of the MoE layers' balancing and z losses from the last forward."""
-        return sum((layer.aux_loss for _, layer in find_moe_layers(self)), torch.zeros(()))
-
-
-def build_model(arch: Architecture, device: torch.device | str = "meta", dtype: torch.dtype | None = None
-                ) -> MoETransformer:
-    """Build the transformer of ``arch``; its parameter count equals ``count_params(arch).total``.
-
-    Args:
-        arch: The architecture. MLA, qk-norm, biases and the activations ``geglu``/``reglu`` are not built.
-        device: Where to create parameters; ``"meta"`` (default) allocates nothing at any size.
-        dtype: Parameter dtype.
-
-    Returns:
-        The model, every MoE layer holding all experts.
-
-    Raises:
-        ValueError: On an architecture feature the model does not build, naming the fix.
-    """
-    unsupported = {"kv_lora_rank": arch.mla, "qk_norm": arch.qk_norm, "bias": arch.bias}
-    for field, used in unsupported.items():
-        if used:
-            raise ValueError(f"build_model: {field}={getattr(arch, field)!r} is counted by the planner but not "
-                             f"built here; pick an Architecture without it")
-    for field in ("activation", "dense_activation"):
-        if getattr(arch, field) in GATED_ACTIVATIONS and getattr(arch, field) != "swiglu":
-            raise ValueError(f"build_model: {field}={getattr(arch, field)!r} is not built here; "
-                             "use swiglu, gelu, relu or silu")
-    model = MoETransformer(arch, device=device, dtype=dtype)
-    built, planned = count(model), count_params(arch).total
-    if built != planned:
-        raise AssertionError(f"build_model: built {built:,} parameters but the planner counts {planned:,}")
-    return model
-
-
-def count(model: nn.Module) -> int:
-    """Parameters of ``model``, each shared tensor once (works on meta)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def rank_coordinates(rank: int, layout: Layout, arch: Architecture | None = None) -> tuple[int, int]:
@@ -214,7 +73,7 @@ def rank_coordinates(rank: int, layout: Layout, arch: Architecture | None = None
     return rank % layout.ep, rank // layout.ep
 
 
-def shard_for_rank(model: MoETransformer, rank: int, layout: Layout) -> list[ExpertShard]:
+def shard_for_rank(model: Transformer, rank: int, layout: Layout) -> list[ExpertShard]:
     """Keep global ``rank``'s experts in every MoE layer and install :class:`SimulatedExpertParallel`.
 
     Works on meta tensors (nothing is allocated). Dense parameters stay whole (``dense_sharding`` is not
@@ -281,7 +140,7 @@ def materialise_rank(model: nn.Module, seed: int = 0, device: torch.device | str
                 module.reset_parameters()
     for buffer in model.buffers():
         buffer.zero_()
-    return count(model)
+    return num_params(model)
 
 
 @dataclass(frozen=True)
@@ -403,8 +262,8 @@ def simulate_step(arch: Architecture, layout: Layout, rank: int = 0, steps: int 
     predicted, per_rank = plan(arch, layout), params_per_rank(arch, layout)
     model = build_model(arch, device="meta")
     shards = shard_for_rank(model, rank, layout)
-    if count(model) != per_rank.materialised:
-        raise AssertionError(f"simulate_step: rank holds {count(model):,} parameters on meta, planner says "
+    if num_params(model) != per_rank.materialised:
+        raise AssertionError(f"simulate_step: rank holds {num_params(model):,} parameters on meta, planner says "
                              f"{per_rank.materialised:,}")
     gen = torch.Generator().manual_seed(_seed(seed, f"data/{rank}"))
     tokens = torch.randint(arch.vocab, (layout.micro_batch, layout.seq_len + 1), generator=gen)
