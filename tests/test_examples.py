@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from launch import ROOT, run_script
+
 EXAMPLES = ROOT / "examples"
 
 
 def _run(script: str, tmp_path: Path, *args: str, timeout: int = 240) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), "--smoke", "--log-dir", str(tmp_path / "logs"), *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    return output
+    run = run_script(EXAMPLES / script, "--smoke", "--log-dir", str(tmp_path / "logs"), *args, out=tmp_path,
+                     ranks=0, env={"PYTHONUNBUFFERED": "1"}, timeout=timeout)
+    return run.output
 
 
 def _import_example(name: str):
