@@ -20,11 +20,14 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) examples/language_model.py
 
+# tests/ and the package's docstring examples (testpaths and --doctest-modules in pyproject.toml).
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# ruff on everything; mypy on the package (configured in pyproject.toml).
 lint: install
-	$(VENV)/bin/ruff check lightning_moe tests examples benchmarks
+	$(VENV)/bin/ruff check lightning_moe tests examples benchmarks conftest.py
+	$(VENV)/bin/mypy lightning_moe
 
 bench: install
 	$(PY) benchmarks/moe_layer.py

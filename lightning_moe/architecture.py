@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu")
 ACTIVATIONS = GATED_ACTIVATIONS + ("gelu", "relu", "silu")
@@ -103,7 +104,7 @@ class Architecture:
             if getattr(self, f) is None:
                 object.__setattr__(self, f, value)
         ints(("kv_heads", "head_dim", "v_head_dim"), 1)
-        need(self.heads % self.kv_heads == 0, f"kv_heads={self.kv_heads} must divide heads={self.heads}")
+        need(self.heads % self.attention_dims[1] == 0, f"kv_heads={self.kv_heads} must divide heads={self.heads}")
         need(self.top_k <= self.experts, f"top_k={self.top_k} must be <= experts={self.experts}")
         for f in ("activation", "dense_activation"):
             need(getattr(self, f) in ACTIVATIONS, f"{f}={getattr(self, f)!r} unknown; pick one of {list(ACTIVATIONS)}")
@@ -114,6 +115,13 @@ class Architecture:
             f"(dense_layers={self.dense_layers}, moe_every={self.moe_every}); set ffn_hidden",
         )
         need(self.mla or not (self.q_lora_rank or self.rope_head_dim), "q_lora_rank, rope_head_dim need kv_lora_rank>0")
+
+    @property
+    def attention_dims(self) -> tuple[int, int, int, int]:
+        """``(heads, kv_heads, head_dim, v_head_dim)`` with the defaults filled in."""
+        # __post_init__ replaced every None; the fields keep `int | None` only for the constructor's defaults.
+        assert self.kv_heads is not None and self.head_dim is not None and self.v_head_dim is not None
+        return self.heads, self.kv_heads, self.head_dim, self.v_head_dim
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether layer ``i`` (0-based) has an MoE FFN: ``i >= dense_layers`` and every ``moe_every``-th after."""
@@ -144,10 +152,10 @@ def _ffn(arch: Architecture, hidden: int, activation: str) -> tuple[int, int]:
 
 def _attention(arch: Architecture) -> tuple[int, int]:
     """(matmul weights, norms + biases) of one attention block."""
-    d, h, hd, vd, rope = arch.dim, arch.heads, arch.head_dim, arch.v_head_dim, arch.rope_head_dim
-    extra = 2 * hd * arch.qk_norm + (h * (hd + rope) + arch.kv_heads * (hd + vd) + d) * arch.bias
+    (h, kv, hd, vd), d, rope = arch.attention_dims, arch.dim, arch.rope_head_dim
+    extra = 2 * hd * arch.qk_norm + (h * (hd + rope) + kv * (hd + vd) + d) * arch.bias
     if not arch.mla:
-        return d * h * hd + d * arch.kv_heads * (hd + vd) + h * vd * d, extra
+        return d * h * hd + d * kv * (hd + vd) + h * vd * d, extra
     q_lora = arch.q_lora_rank
     q = d * q_lora + q_lora * h * (hd + rope) if q_lora else d * h * (hd + rope)
     kv = d * (arch.kv_lora_rank + rope) + arch.kv_lora_rank * h * (hd + vd)
@@ -197,7 +205,7 @@ def count_params(arch: Architecture) -> ParamCounts:
     """
     n_moe, n_dense = arch.moe_layers, arch.dense_ffn_layers
     expert_w, expert_b = _ffn(arch, arch.expert_hidden, arch.activation)
-    dense_w, dense_b = _ffn(arch, arch.ffn_hidden, arch.dense_activation)
+    dense_w, dense_b = _ffn(arch, arch.ffn_hidden, arch.dense_activation or arch.activation)
     attn_w, attn_extra = _attention(arch)
     per_expert = expert_w + expert_b
     parts = {
@@ -217,8 +225,9 @@ def count_params(arch: Architecture) -> ParamCounts:
 
 
 
-_MLA = {"q_lora_rank": 1536, "kv_lora_rank": 512, "rope_head_dim": 64, "head_dim": 128, "v_head_dim": 128}
-_QWEN3 = {"kv_heads": 4, "head_dim": 128, "qk_norm": True}
+_MLA: dict[str, Any] = {"q_lora_rank": 1536, "kv_lora_rank": 512, "rope_head_dim": 64, "head_dim": 128,
+                        "v_head_dim": 128}
+_QWEN3: dict[str, Any] = {"kv_heads": 4, "head_dim": 128, "qk_norm": True}
 
 #: Published MoE architectures (field order: layers, dim, heads, vocab, expert_hidden, experts, top_k).
 PRESETS: dict[str, Architecture] = {

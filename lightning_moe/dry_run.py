@@ -89,6 +89,13 @@ def shard_for_rank(model: Transformer, rank: int, layout: Layout) -> list[Expert
 
     Raises:
         ValueError: On a bad rank or layout, or an already sharded model.
+
+    Example:
+        >>> from lightning_moe.plan import PRESETS
+        >>> model = build_model(PRESETS["mixtral-8x7b"])  # on meta: 46.7 B parameters, no memory
+        >>> shards = shard_for_rank(model, rank=11, layout=Layout(gpus=16, gpu_memory=80 * 2**30, ep=8))
+        >>> len(shards), shards[0].offset, shards[0].num_local  # expert 3 of each of the 32 MoE layers
+        (32, 3, 1)
     """
     ep_rank, _ = rank_coordinates(rank, layout, model.arch)
     if any(layer.expert_dispatcher is not None for _, layer in find_moe_layers(model)):
@@ -267,7 +274,8 @@ def simulate_step(arch: Architecture, layout: Layout, rank: int = 0, steps: int 
                              f"{per_rank.materialised:,}")
     gen = torch.Generator().manual_seed(_seed(seed, f"data/{rank}"))
     tokens = torch.randint(arch.vocab, (layout.micro_batch, layout.seq_len + 1), generator=gen)
-    dispatchers = [layer.expert_dispatcher for _, layer in find_moe_layers(model)]
+    dispatchers = [layer.expert_dispatcher for _, layer in find_moe_layers(model)
+                   if isinstance(layer.expert_dispatcher, SimulatedExpertParallel)]
 
     if exact_rss:
         _mmap_large_allocations()
@@ -277,7 +285,8 @@ def simulate_step(arch: Architecture, layout: Layout, rank: int = 0, steps: int 
     materialised = materialise_rank(model, seed)
     param_bytes = rss_bytes() - base
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    times, state_bytes, saved_bytes, loss = [], 0, 0, None
+    times: list[float] = []
+    state_bytes, saved_bytes, loss = 0, 0, torch.zeros(())
     for step in range(steps):
         for d in dispatchers:
             d.reset_counters()

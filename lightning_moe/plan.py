@@ -90,7 +90,7 @@ class Layout:
         for f in ("gpus", "gpu_memory", "ep", "micro_batch", "seq_len") + (("dp",) if self.dp is not None else ()):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ValueError(f"Layout: {f}={getattr(self, f)!r} must be a positive integer; set {f}")
-        choices = {"dense_sharding": SHARDINGS, "expert_sharding": SHARDINGS}
+        choices: dict[str, tuple[str, ...]] = {"dense_sharding": SHARDINGS, "expert_sharding": SHARDINGS}
         choices.update({f: tuple(DTYPE_BYTES) for f in ("weight_dtype", "grad_dtype", "optim_dtype", "act_dtype")})
         for f, allowed in choices.items():
             if getattr(self, f) not in allowed:
@@ -194,7 +194,8 @@ def flops_per_token(arch: Architecture, seq_len: int) -> int:
     Returns:
         Forward FLOPs per token.
     """
-    scores = arch.layers * 2 * seq_len * arch.heads * (arch.head_dim + arch.rope_head_dim + arch.v_head_dim)
+    heads, _, head_dim, v_head_dim = arch.attention_dims
+    scores = arch.layers * 2 * seq_len * heads * (head_dim + arch.rope_head_dim + v_head_dim)
     return 2 * count_params(arch).matmul_active + scores
 
 
@@ -222,12 +223,12 @@ def layer_activation_bytes(arch: Architecture, layout: Layout, moe: bool) -> int
         Bytes.
     """
     b, s, p = layout.micro_batch, layout.seq_len, DTYPE_BYTES[layout.act_dtype]
-    t, d, h, hd, vd = b * s, arch.dim, arch.heads, arch.head_dim, arch.v_head_dim
+    (h, kv, hd, vd), t, d = arch.attention_dims, b * s, arch.dim
     if arch.mla:
         qk = h * (hd + arch.rope_head_dim)
         widths = d + 2 * qk + 2 * h * vd + arch.q_lora_rank + arch.kv_lora_rank + arch.rope_head_dim
     else:
-        widths = d + h * hd + arch.kv_heads * (hd + vd) + h * vd
+        widths = d + h * hd + kv * (hd + vd) + h * vd
     scores = 4 * t * h if layout.flash_attention else b * h * s * s * (p + (p + 1) * arch.dropout)
     attention = t * p * widths + scores + 2 * t * p * d + 2 * t * d * arch.dropout
     if not moe:
@@ -369,6 +370,12 @@ def plan(arch: Architecture, layout: Layout) -> Plan:
 
     Raises:
         ValueError: If the layout cannot host the model (see :func:`check_layout`).
+
+    Example:
+        >>> layout = Layout(gpus=64, gpu_memory=80 * GIB, ep=8, expert_sharding="full")
+        >>> result = plan(PRESETS["mixtral-8x7b"], layout)
+        >>> result.fits, result.dp, round(result.total_bytes / GIB, 1)
+        (True, 8, 76.3)
     """
     rank, counts = params_per_rank(arch, layout), count_params(arch)
     weights, grads, optim = state_bytes(arch, layout)

@@ -8,6 +8,9 @@ import torch.distributed as dist
 # tests/reference.py and the test helpers are imported by name from the tests.
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Scripts run as programs by tests/launch.py (they read argv when imported); --doctest-modules must not import them.
+collect_ignore = ["scripts"]
+
 
 @pytest.fixture(autouse=True)
 def _isolate_process_group_and_environment():

@@ -16,6 +16,7 @@ A head width, F dense FFN hidden width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from lightning_moe.architecture import GATED_ACTIVATIONS, Architecture, count_params
 from lightning_moe.nn.moe import MoE
 
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 # MoE arguments the Architecture decides; moe_kwargs may set any other (capacity_factor, aux_loss_coef, ...).
 _ARCH_MOE_ARGS = ("dim", "num_experts", "top_k", "hidden_dim", "activation", "num_shared_experts", "bias", "expert",
                   "device", "dtype")
@@ -44,14 +45,11 @@ class Attention(nn.Module):
     def __init__(self, arch: Architecture, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"bias": False, "device": device, "dtype": dtype}
-        # Architecture.__post_init__ fills the defaults of these three.
-        assert arch.kv_heads is not None and arch.head_dim is not None and arch.v_head_dim is not None
-        self.heads, self.kv_heads = arch.heads, arch.kv_heads
-        self.head_dim, self.v_head_dim = arch.head_dim, arch.v_head_dim
-        self.q = nn.Linear(arch.dim, arch.heads * arch.head_dim, **factory)
-        self.k = nn.Linear(arch.dim, arch.kv_heads * arch.head_dim, **factory)
-        self.v = nn.Linear(arch.dim, arch.kv_heads * arch.v_head_dim, **factory)
-        self.o = nn.Linear(arch.heads * arch.v_head_dim, arch.dim, **factory)
+        self.heads, self.kv_heads, self.head_dim, self.v_head_dim = arch.attention_dims
+        self.q = nn.Linear(arch.dim, self.heads * self.head_dim, **factory)
+        self.k = nn.Linear(arch.dim, self.kv_heads * self.head_dim, **factory)
+        self.v = nn.Linear(arch.dim, self.kv_heads * self.v_head_dim, **factory)
+        self.o = nn.Linear(self.heads * self.v_head_dim, arch.dim, **factory)
 
     def forward(self, x_BSD: Tensor) -> Tensor:
         B, S, _ = x_BSD.shape
@@ -97,8 +95,7 @@ class Block(nn.Module):
             self.ffn = MoE(arch.dim, arch.experts, arch.top_k, hidden_dim=arch.expert_hidden,
                            activation=arch.activation, num_shared_experts=arch.shared_experts, **moe_kwargs, **factory)
         else:
-            assert arch.dense_activation is not None  # Architecture.__post_init__ fills it
-            self.ffn = DenseFFN(arch.dim, arch.ffn_hidden, arch.dense_activation, **factory)
+            self.ffn = DenseFFN(arch.dim, arch.ffn_hidden, arch.dense_activation or arch.activation, **factory)
 
     def forward(self, x_BSD: Tensor) -> Tensor:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
@@ -134,15 +131,14 @@ class Transformer(nn.Module):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         _check_buildable(arch, max_seq_len, moe_kwargs or {})
-        factory = {"device": device, "dtype": dtype}
         self.arch = arch
         self.max_seq_len = max_seq_len
-        self.embed = Embedding(arch.vocab, arch.dim, **factory)
-        self.pos = Embedding(max_seq_len, arch.dim, **factory) if max_seq_len else None
-        self.blocks = nn.ModuleList(Block(arch, arch.is_moe_layer(i), moe_kwargs or {}, **factory)
+        self.embed = Embedding(arch.vocab, arch.dim, device=device, dtype=dtype)
+        self.pos = Embedding(max_seq_len, arch.dim, device=device, dtype=dtype) if max_seq_len else None
+        self.blocks = nn.ModuleList(Block(arch, arch.is_moe_layer(i), moe_kwargs or {}, device=device, dtype=dtype)
                                     for i in range(arch.layers))
-        self.norm = nn.RMSNorm(arch.dim, **factory)
-        self.head = nn.Linear(arch.dim, arch.vocab, bias=False, **factory)
+        self.norm = nn.RMSNorm(arch.dim, device=device, dtype=dtype)
+        self.head = nn.Linear(arch.dim, arch.vocab, bias=False, device=device, dtype=dtype)
         if arch.tie_embeddings:
             self.head.weight = self.embed.weight
 
