@@ -6,7 +6,8 @@ Work: top-2, 4096 tokens, dim 256, hidden 1024, GELU, dropless, 8 and 64 experts
   (``[E, T*k/E, D]``): what any MoE layer must at least pay; no routing, no dispatch.
 - ``ours``: ``lightning_moe.MoE`` (router, sort-based dispatch, per-expert GEMMs, combine, losses).
 - ``fairscale``: ``fairscale.nn.MOELayer`` + ``Top2Gate`` (one-hot einsum dispatch), the same expert
-  MLPs, in a 1-process gloo group. Its capacity is ``2T/E`` (it drops overflow; ours drops nothing).
+  MLPs (the package's ``DenseFFN``, one module per expert), in a 1-process gloo group. Its capacity is
+  ``2T/E`` (it drops overflow; ours drops nothing).
 
 Times are medians of interleaved repeats in one process; peak memory is measured per
 implementation in its own subprocess as the growth of peak RSS over the RSS before the step.
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_moe.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from lightning_moe.models import DenseFFN
 
 TOKENS, DIM, HIDDEN, TOP_K = 4096, 256, 1024, 2
 
@@ -42,15 +44,6 @@ class Floor(nn.Module):
 
     def forward(self, x_ECD: torch.Tensor) -> torch.Tensor:
         return torch.bmm(F.gelu(torch.bmm(x_ECD, self.w1)), self.w2)
-
-
-class _Expert(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(DIM, HIDDEN, bias=False), nn.Linear(HIDDEN, DIM, bias=False)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 def build(name: str, experts: int, dtype: torch.dtype):
@@ -69,7 +62,7 @@ def build(name: str, experts: int, dtype: torch.dtype):
         if not dist.is_initialized():
             store = os.path.join(tempfile.mkdtemp(), "store")
             dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-        layer = MOELayer(Top2Gate(DIM, experts), nn.ModuleList(_Expert() for _ in range(experts)))
+        layer = MOELayer(Top2Gate(DIM, experts), nn.ModuleList(DenseFFN(DIM, HIDDEN, "gelu") for _ in range(experts)))
         return layer.to(dtype), x
     raise ValueError(f"unknown implementation {name!r}")
 
