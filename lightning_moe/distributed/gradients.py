@@ -42,7 +42,7 @@ def reduce_expert_gradients(params: Sequence[Tensor], data_group: dist.ProcessGr
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    for bucket in buckets([p.grad for p in params]):
+    for bucket in buckets([g for p in params if (g := p.grad) is not None]):  # every p now has one
         flat = _compat.flatten_dense_tensors(bucket)
         if reduce:
             dist.all_reduce(flat, group=data_group)
@@ -71,7 +71,7 @@ def clip_grad_norm(params: Iterable[Tensor], expert_params: Iterable[Tensor], cl
         expert_group: the ranks over which each expert is held once.
         device: where the norm travels (the rank's device: CUDA for NCCL).
     """
-    params = [p for p in params if p.grad is not None]
+    grads = [(id(p), g) for p in params if (g := p.grad) is not None]
     experts = {id(p) for p in expert_params}
 
     def sq_norm(grads: list[Tensor]) -> Tensor:
@@ -79,12 +79,12 @@ def clip_grad_norm(params: Iterable[Tensor], expert_params: Iterable[Tensor], cl
             return torch.zeros((), device=device)
         return torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]).square().sum()
 
-    expert_sq = sq_norm([p.grad for p in params if id(p) in experts]).reshape(1)
+    expert_sq = sq_norm([g for i, g in grads if i in experts]).reshape(1)
     dist.all_reduce(expert_sq, group=expert_group)
-    total = (sq_norm([p.grad for p in params if id(p) not in experts]) + expert_sq[0]).sqrt()
+    total = (sq_norm([g for i, g in grads if i not in experts]) + expert_sq[0]).sqrt()
     coef = (clip_val / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
-    for p in params:
-        p.grad.detach().mul_(coef.to(p.grad.dtype))
+    for _, g in grads:
+        g.detach().mul_(coef.to(g.dtype))
 
 
 def agree_on_nonfinite(params: Sequence[Tensor], device: torch.device, fallback: Iterable[Tensor] = ()) -> None:
@@ -99,12 +99,13 @@ def agree_on_nonfinite(params: Sequence[Tensor], device: torch.device, fallback:
         fallback: other parameters; the first with a gradient is poisoned when ``params`` is empty.
     """
     flag = torch.zeros(1, device=device)
-    for p in params:
-        flag = torch.maximum(flag, (~torch.isfinite(p.grad)).any().float())
+    for g in (p.grad for p in params):
+        if g is not None:
+            flag = torch.maximum(flag, (~torch.isfinite(g)).any().float())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item() > 0:
         target = params[0] if params else next((p for p in fallback if p.grad is not None), None)
-        if target is not None:
+        if target is not None and target.grad is not None:
             target.grad.fill_(float("nan"))
 
 

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from typing_extensions import override
@@ -34,9 +35,9 @@ class WatchedScriptLauncher(_compat.SubprocessScriptLauncher):
         super()._call_children_scripts()
 
 
-def watched(launcher: object, cluster_environment: ClusterEnvironment, num_processes: int, num_nodes: int) -> object:
+def watched(launcher: Any, cluster_environment: ClusterEnvironment | None, num_processes: int, num_nodes: int) -> Any:
     """``launcher`` itself, or a :class:`WatchedScriptLauncher` in its place when it is Lightning's popen launcher."""
-    if type(launcher) is _compat.SubprocessScriptLauncher:
+    if type(launcher) is _compat.SubprocessScriptLauncher and cluster_environment is not None:
         return WatchedScriptLauncher(cluster_environment, num_processes, num_nodes)
     return launcher
 
