@@ -85,12 +85,14 @@ class ExpertPruning(Callback):
     """
 
     def __init__(self, keep: int | float | None = None, min_share: float | None = None, at_epoch: int = 0) -> None:
+        # Every condition is evaluated before _check runs: type guards keep them from raising TypeError.
         is_count = isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1
+        share_ok = min_share is None or (isinstance(min_share, (int, float)) and 0 <= min_share < 1)
         _check(self, (keep is not None or min_share is not None,
                       "give keep=<experts or fraction> and/or min_share=<share>; both are None"),
                (keep is None or is_count or (isinstance(keep, float) and 0 < keep <= 1),
                 f"keep={keep!r} must be an int >= 1 or a float in (0, 1]"),
-               (min_share is None or 0 <= min_share < 1, f"min_share={min_share!r} must be in [0, 1), e.g. 0.02"),
+               (share_ok, f"min_share={min_share!r} must be in [0, 1), e.g. 0.02"),
                (isinstance(at_epoch, int) and at_epoch >= 0, f"at_epoch={at_epoch!r} must be an int >= 0"))
         self.keep = keep
         self.min_share = min_share
