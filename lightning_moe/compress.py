@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_moe import _compat
 from lightning_moe.nn.experts import GroupedExperts, _activation
 from lightning_moe.nn.moe import MoE
 
@@ -237,7 +238,7 @@ class QuantizedGroupedExperts(nn.Module):
     def _linear(self, x_CI: Tensor, name: str, e: int) -> Tensor:
         q_OI, scale_O = getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e]
         if self.kernel == "int8_mm":
-            return torch._weight_int8pack_mm(x_CI, q_OI, scale_O.to(x_CI.dtype))
+            return _compat.weight_int8pack_mm(x_CI, q_OI, scale_O.to(x_CI.dtype))
         # Per-output-channel scales commute with the GEMM: scale the [C, O] output, not the weight.
         return F.linear(x_CI, q_OI.to(x_CI.dtype)) * scale_O.to(x_CI.dtype)
 

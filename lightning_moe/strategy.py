@@ -15,10 +15,6 @@ for the experts of every MoE layer, over a ``("data", "expert")`` device mesh:
 
 from __future__ import annotations
 
-import os
-import sys
-import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,19 +22,16 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.optimizer import _optimizer_to_device
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerStatus
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_moe.distributed import checkpoint as ckpt
-from lightning_moe.distributed.checkpoint import consolidate_checkpoint
+from lightning_moe import _compat
+from lightning_moe.distributed import full_checkpoint, gradients, launcher, sharded_checkpoint
 from lightning_moe.distributed.expert_parallel import (
     check_expert_parallel_size,
     expert_parameters,
@@ -48,12 +41,17 @@ from lightning_moe.distributed.expert_parallel import (
     shard_moe_layer,
     unshard_moe_layer,
 )
+from lightning_moe.distributed.launcher import PEER_FAILURE_GRACE_S as PEER_FAILURE_GRACE_S
+from lightning_moe.distributed.launcher import launcher_gone as launcher_gone
+from lightning_moe.distributed.shard_layout import (
+    OptimizerLayout,
+    ShardLayout,
+    local_model_state,
+    local_optimizer_state,
+)
+from lightning_moe.distributed.sharded_checkpoint import consolidate_checkpoint
 
 CHECKPOINT_FORMATS = ("full", "sharded")
-PEER_FAILURE_GRACE_S = 5.0  # a rank whose launcher died exits after this long if it has not failed by itself
-_PARENT_PID_ENV = "LIGHTNING_MOE_LAUNCHER_PID"
-_WATCHDOG = "lightning-moe-peer-watchdog"
-_BUCKET_NUMEL = 1 << 24  # expert gradients are all-reduced in flat buckets of at most 16M elements
 
 __all__ = ["MoEStrategy", "consolidate_checkpoint"]
 
@@ -104,7 +102,7 @@ class MoEStrategy(DDPStrategy):
         self._checkpoint = checkpoint
         self._device_mesh = None
         self._trainer: pl.Trainer | None = None
-        self._released_layouts: dict[int, ckpt.OptimizerLayout] = {}
+        self._released_layouts: dict[int, OptimizerLayout] = {}
 
     # ------------------------------------------------------------------------------------------
     # Mesh and groups
@@ -140,13 +138,12 @@ class MoEStrategy(DDPStrategy):
     @override
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
-        if type(self._launcher) is _SubprocessScriptLauncher:
-            self._launcher = _WatchedScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        self._launcher = launcher.watched(self._launcher, self.cluster_environment, self.num_processes, self.num_nodes)
 
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
-        _start_peer_watchdog()
+        launcher.start_peer_watchdog()
         ep, world = self.expert_parallel_size, self.world_size
         check_expert_parallel_size([], ep, world, type(self).__name__)
         mesh = self._device_mesh
@@ -182,8 +179,8 @@ class MoEStrategy(DDPStrategy):
             self._broadcast_experts(layer)
             if ep > 1:
                 shard_moe_layer(layer, path, mesh.get_local_rank("expert"), ep, self.expert_group)
-        ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())) | set(expert_state_names(module))
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(ignored))
+        ignored = set(_compat.ddp_ignored_names(module)) | set(expert_state_names(module))
+        _compat.set_ddp_ignored_names(module, sorted(ignored))
         if ep > 1:
             # Norm clipping must see the norm of the whole model, experts of every rank included.
             self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
@@ -209,16 +206,16 @@ class MoEStrategy(DDPStrategy):
             if layout.shards:
                 # Optimizers still hold per-rank expert states: remember how, for a save after fit.
                 self._released_layouts = {
-                    id(_unwrap(o)): ckpt.OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers
+                    id(_unwrap(o)): OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers
                 }
             # Give the caller (and the spawn launcher, which copies rank 0's weights) the whole model.
             for _, layer in find_moe_layers(module):
                 unshard_moe_layer(layer)
         super().teardown()
 
-    def _layout(self) -> ckpt.ShardLayout:
+    def _layout(self) -> ShardLayout:
         module = self.lightning_module
-        return ckpt.ShardLayout([s for _, layer in find_moe_layers(module) if (s := expert_shard(layer)) is not None])
+        return ShardLayout([s for _, layer in find_moe_layers(module) if (s := expert_shard(layer)) is not None])
 
     # ------------------------------------------------------------------------------------------
     # Gradients
@@ -237,32 +234,13 @@ class MoEStrategy(DDPStrategy):
         (the all-to-all's backward brings every token's contribution home), while DDP averages dense
         gradients over all ranks. Summing over the ranks holding the same experts and dividing by the
         world size gives ``d(mean of the per-rank losses)/dW``, as for dense parameters. Runs after
-        the last backward of an optimizer step, before gradient clipping and the step.
+        the last backward of an optimizer step, before gradient clipping and the step
+        (:func:`lightning_moe.distributed.gradients.reduce_expert_gradients`).
         """
-        module = self.lightning_module
-        params = [p for p in expert_parameters(module) if p.requires_grad]
+        params = [p for p in expert_parameters(self.lightning_module) if p.requires_grad]
         if not params or self.world_size == 1:
             return
-        data_group = self.expert_data_group
-        reduce = dist.get_world_size(data_group) > 1
-        # An expert no token reached anywhere keeps grad None, as in single-process training (the
-        # optimizer then skips it); every rank must still send the same buckets.
-        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.root_device)
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        for bucket in _buckets([p.grad for p in params]):
-            flat = torch._utils._flatten_dense_tensors(bucket)
-            if reduce:
-                dist.all_reduce(flat, group=data_group)
-            flat.div_(self.world_size)
-            for grad, value in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
-                grad.copy_(value)
-        if reduce:
-            dist.all_reduce(has_grad, group=data_group)
-        for p, flag in zip(params, has_grad.tolist(), strict=True):
-            if not flag:
-                p.grad = None
+        gradients.reduce_expert_gradients(params, self.expert_data_group, self.world_size, self.root_device)
         if getattr(self.precision_plugin, "scaler", None) is not None:
             self._agree_on_nonfinite([p for p in params if p.grad is not None])
 
@@ -271,37 +249,17 @@ class MoEStrategy(DDPStrategy):
 
         Installed on the precision plugin when experts are sharded (Lightning's ``gradient_clip_val``
         with ``gradient_clip_algorithm="norm"``). Dense gradients are identical on every rank after DDP;
-        expert gradients are summed over the expert group, which holds each expert exactly once.
+        expert gradients are summed over the expert group, which holds each expert exactly once
+        (:func:`lightning_moe.distributed.gradients.clip_grad_norm`).
         """
-        # Every rank takes part in the all-reduce, whatever it holds.
-        params = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
-        experts = {id(p) for p in expert_parameters(self.lightning_module)}
-
-        def sq_norm(grads: list[Tensor]) -> Tensor:
-            if not grads:
-                return torch.zeros((), device=self.root_device)
-            return torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]).square().sum()
-
-        expert_sq = sq_norm([p.grad for p in params if id(p) in experts]).reshape(1)
-        dist.all_reduce(expert_sq, group=self.expert_group)
-        total = (sq_norm([p.grad for p in params if id(p) not in experts]) + expert_sq[0]).sqrt()
-        coef = (clip_val / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
-        for p in params:
-            p.grad.detach().mul_(coef.to(p.grad.dtype))
+        gradients.clip_grad_norm(self.precision_plugin.main_params(optimizer), expert_parameters(self.lightning_module),
+                                 clip_val, self.expert_group, self.root_device)
 
     def _agree_on_nonfinite(self, params: list[Tensor]) -> None:
         # A GradScaler skips the step when it sees inf/NaN; expert gradients differ between expert
         # groups, so make every rank see non-finite values when any rank has them.
-        flag = torch.zeros(1, device=self.root_device)
-        for p in params:
-            flag = torch.maximum(flag, (~torch.isfinite(p.grad)).any().float())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
-            module = self.lightning_module
-            others = (p for p in module.parameters() if p.grad is not None) if module is not None else iter(())
-            target = params[0] if params else next(others, None)
-            if target is not None:
-                target.grad.fill_(float("nan"))
+        module = self.lightning_module
+        gradients.agree_on_nonfinite(params, self.root_device, module.parameters() if module is not None else ())
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
@@ -319,20 +277,19 @@ class MoEStrategy(DDPStrategy):
         if not layout.shards:
             return state
         if self._checkpoint == "sharded":
-            return ckpt.sharded_model_state(state, layout, self.device_mesh)
+            return sharded_checkpoint.sharded_model_state(state, layout, self.device_mesh)
         group, member, is_dst = self._gather_args()
-        return ckpt.gather_model_state(state, layout, group, is_dst, self.root_device) if member else state
+        return full_checkpoint.gather_model_state(state, layout, group, is_dst, self.root_device) if member else state
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
+        optimizer = _unwrap(optimizer)
         layout = self._layout()
         if self._checkpoint == "sharded":
-            olayout = ckpt.OptimizerLayout(optimizer, self.lightning_module, layout)
-            return ckpt.sharded_optimizer_state(optimizer, olayout, self._device_mesh)
+            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
+            return sharded_checkpoint.sharded_optimizer_state(optimizer, olayout, self._device_mesh)
         if layout.shards:
-            olayout = ckpt.OptimizerLayout(optimizer, self.lightning_module, layout)
+            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
         elif id(optimizer) in self._released_layouts:  # saved after fit: the model is whole again, the optimizer not
             olayout = self._released_layouts[id(optimizer)]
         else:
@@ -340,10 +297,11 @@ class MoEStrategy(DDPStrategy):
         group, member, is_dst = self._gather_args()
         if not member:
             return optimizer.state_dict()
-        return ckpt.gather_optimizer_state(optimizer, olayout, group, is_dst, self.root_device)
+        return full_checkpoint.gather_optimizer_state(optimizer, olayout, group, is_dst, self.root_device)
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _compat.PATH,
+                        storage_options: Any | None = None) -> None:
         if self._checkpoint == "full":
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         if storage_options is not None:
@@ -353,23 +311,24 @@ class MoEStrategy(DDPStrategy):
         if self.is_global_zero and path.is_file():
             path.unlink()
         self.barrier()
-        ckpt.save_sharded(checkpoint, path, self.is_global_zero)
+        sharded_checkpoint.save_sharded(checkpoint, path, self.is_global_zero)
         self.barrier()
 
     @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: _compat.PATH, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
-        if not ckpt.is_sharded_checkpoint(path):
+        if not sharded_checkpoint.is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only=weights_only)
         module = self.lightning_module
         layout = self._layout()
-        olayouts = [ckpt.OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers]
-        return ckpt.load_sharded(path, module.state_dict(), olayouts, layout, self._device_mesh, weights_only)
+        olayouts = [OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers]
+        return sharded_checkpoint.load_sharded(path, module.state_dict(), olayouts, layout, self._device_mesh,
+                                               weights_only)
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module
-        state = ckpt.local_model_state(checkpoint["state_dict"], module.state_dict(), self._layout())
+        state = local_model_state(checkpoint["state_dict"], module.state_dict(), self._layout())
         module.load_state_dict(state, strict=strict)
 
     @override
@@ -377,9 +336,9 @@ class MoEStrategy(DDPStrategy):
         layout = self._layout()
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             optimizer = _unwrap(optimizer)
-            olayout = ckpt.OptimizerLayout(optimizer, self.lightning_module, layout)
-            optimizer.load_state_dict(ckpt.local_optimizer_state(saved, olayout))
-            _optimizer_to_device(optimizer, self.root_device)
+            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
+            optimizer.load_state_dict(local_optimizer_state(saved, olayout))
+            _compat.optimizer_to_device(optimizer, self.root_device)
 
     @classmethod
     @override
@@ -392,61 +351,8 @@ class MoEStrategy(DDPStrategy):
                 )
 
 
-class _WatchedScriptLauncher(_SubprocessScriptLauncher):
-    """Lightning's popen launcher, telling the ranks it starts who started them (for the peer watchdog)."""
-
-    @override
-    def _call_children_scripts(self) -> None:
-        os.environ[_PARENT_PID_ENV] = str(os.getpid())
-        super()._call_children_scripts()
-
-
-def launcher_gone(parent_pid: int | None) -> bool:
-    """True when this rank was started by a launcher process that no longer exists (we were re-parented)."""
-    return parent_pid is not None and os.getppid() != parent_pid
-
-
-def _start_peer_watchdog() -> None:
-    """In a rank started by Lightning's popen launcher: exit with code 1 once the launching rank 0 is gone.
-
-    Lightning's launcher already kills every rank when a started rank fails. The other direction is
-    ours: when rank 0 raises and exits, the ranks it started may sit in a collective that never
-    completes (NCCL waits for the process-group timeout, 30 minutes by default). gloo notices the
-    closed connection by itself, so the watchdog first gives the normal error path
-    ``PEER_FAILURE_GRACE_S``. torchrun and SLURM (``srun --kill-on-bad-exit=1``) stop ranks themselves.
-    """
-    parent = os.environ.get(_PARENT_PID_ENV)
-    if not parent or int(parent) == os.getpid() or any(t.name == _WATCHDOG for t in threading.enumerate()):
-        return
-    parent_pid = int(parent)
-
-    def watch() -> None:
-        while not launcher_gone(parent_pid):
-            time.sleep(0.5)
-        time.sleep(PEER_FAILURE_GRACE_S)
-        sys.stderr.write(f"MoEStrategy: the launching rank-0 process {parent_pid} exited; this rank "
-                         f"(pid {os.getpid()}) stops instead of waiting for it in a collective.\n")
-        sys.stderr.flush()
-        os._exit(1)
-
-    threading.Thread(target=watch, name=_WATCHDOG, daemon=True).start()
-
-
 def _unwrap(optimizer: Optimizer) -> Optimizer:
-    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-
-
-def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
-    """Consecutive same-dtype groups of at most ``_BUCKET_NUMEL`` elements (one oversize tensor alone)."""
-    buckets: list[list[Tensor]] = []
-    size = 0
-    for t in tensors:
-        if not buckets or buckets[-1][0].dtype != t.dtype or size + t.numel() > _BUCKET_NUMEL:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(t)
-        size += t.numel()
-    return buckets
+    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
 MoEStrategy.register_strategies(StrategyRegistry)

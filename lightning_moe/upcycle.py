@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_moe import _compat
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
 from lightning_moe.nn.moe import MoE
 
@@ -165,7 +166,7 @@ def _moe_layer_class(cls: type) -> type:
         return _LAYER_CLASSES[cls]
     base = nn.TransformerEncoderLayer if issubclass(cls, nn.TransformerEncoderLayer) else nn.TransformerDecoderLayer
     # A user subclass keeps its own methods; only the feed-forward block changes. (Not picklable: dynamic.)
-    return type(f"MoE{cls.__name__}", (cls,), {"_ff_block": _LAYER_CLASSES[base]._ff_block,
+    return type(f"MoE{cls.__name__}", (cls,), {_compat.FF_BLOCK: getattr(_LAYER_CLASSES[base], _compat.FF_BLOCK),
                                                "__module__": cls.__module__})
 
 
@@ -383,7 +384,7 @@ class _Converter:
         cls = type(layer)
         base = nn.TransformerEncoderLayer if isinstance(layer, nn.TransformerEncoderLayer) else \
             nn.TransformerDecoderLayer
-        if cls._ff_block is not base._ff_block:
+        if getattr(cls, _compat.FF_BLOCK) is not getattr(base, _compat.FF_BLOCK):
             raise _Skip(f"{cls.__name__} overrides _ff_block; pass target= naming its feed-forward module")
         linear1, linear2 = layer.linear1, layer.linear2
         if not (isinstance(linear1, nn.Linear) and isinstance(linear2, nn.Linear)):
@@ -402,7 +403,7 @@ class _Converter:
         del layer.linear1
         del layer.linear2
         layer.moe = moe
-        layer.activation_relu_or_gelu = 0  # torch's fused encoder kernel checks this first: never eligible now
+        _compat.disable_fused_encoder_fast_path(layer)  # never eligible for torch's fused encoder kernel now
         layer.__class__ = _moe_layer_class(cls)
         return info
 

@@ -19,13 +19,18 @@ from torch import nn
 
 import lightning_moe as lmoe
 from lightning_moe.distributed import all_to_all, all_to_all_counts, shard_moe_layer, unshard_moe_layer
-from lightning_moe.distributed.checkpoint import OptimizerLayout, ShardLayout, local_model_state, local_optimizer_state
 from lightning_moe.distributed.expert_parallel import (
     check_expert_parallel_size,
     expert_major_order,
     expert_parameters,
     expert_shard,
     expert_state_names,
+)
+from lightning_moe.distributed.shard_layout import (
+    OptimizerLayout,
+    ShardLayout,
+    local_model_state,
+    local_optimizer_state,
 )
 from lightning_moe.strategy import MoEStrategy, launcher_gone
 

@@ -15,15 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoE
-from lightning_moe.callbacks.pruning import (
-    ExpertMagnitudePruning,
-    ExpertPruning,
-    _remap_optimizers,
-    choose_experts,
-    hidden_unit_mask,
-    remove_experts,
-)
+from lightning_moe.callbacks.pruning import ExpertMagnitudePruning, ExpertPruning
 from lightning_moe.nn.experts import GroupedExperts
+from lightning_moe.prune import choose_experts, hidden_unit_mask, remap_optimizers, remove_experts
 
 from launch import run_rank_script
 
@@ -148,7 +142,7 @@ def test_optimizer_state_follows_the_kept_experts(opt):
     old_w1 = layer.experts.w1
     old_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[old_w1].items()}
     keep = torch.tensor([1, 4, 5])
-    _remap_optimizers([optimizer], remove_experts(layer, keep))
+    remap_optimizers([optimizer], remove_experts(layer, keep))
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     assert any(p is layer.experts.w1 for p in params) and not any(p is old_w1 for p in params)

@@ -21,6 +21,7 @@ from lightning_moe.compress import (
     low_rank_experts,
     quantize_experts,
 )
+from lightning_moe.distributed.gather import gather_experts
 from lightning_moe.nn.moe import MoE
 
 APPLY_ON = ("fit_end", "test_start")
@@ -77,14 +78,12 @@ def gather_compressed_shards(module: nn.Module) -> int:
         if not isinstance(bank, (QuantizedGroupedExperts, LowRankGroupedExperts)):
             continue  # the strategy gathers GroupedExperts and TemplateExperts itself
         size, local = dist.get_world_size(group), bank.num_experts
-        for container in (bank._parameters, bank._buffers):
-            for name, tensor in list(container.items()):
-                if tensor is None or tensor.dim() == 0 or tensor.shape[0] != local:
-                    continue
-                parts = [torch.empty_like(tensor) for _ in range(size)]
-                dist.all_gather(parts, tensor.detach().contiguous(), group=group)
-                full = torch.cat(parts)
-                container[name] = nn.Parameter(full, tensor.requires_grad) if container is bank._parameters else full
+        for name, param in list(bank.named_parameters(recurse=False)):
+            if param.dim() and param.shape[0] == local:
+                setattr(bank, name, nn.Parameter(gather_experts(param, group), param.requires_grad))
+        for name, buffer in list(bank.named_buffers(recurse=False)):
+            if buffer.dim() and buffer.shape[0] == local:
+                setattr(bank, name, gather_experts(buffer, group))
         bank.num_experts, bank.expert_offset = local * size, 0
         layer.expert_dispatcher = None
         gathered += 1

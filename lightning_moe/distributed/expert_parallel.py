@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_moe.distributed.all_to_all import all_to_all, all_to_all_counts
+from lightning_moe.distributed.gather import gather_experts
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
 from lightning_moe.nn.moe import MoE
 
@@ -259,23 +260,16 @@ def unshard_moe_layer(layer: MoE) -> None:
         modules: list[nn.Module] = [None] * shard.num_experts
         for i, module in enumerate(local):
             tensors = _module_tensors(module)
-            from_rank = [[] for _ in range(P)]  # from_rank[r][k]: tensor k of local expert i on EP rank r
-            for tensor in tensors:
-                parts = [torch.empty_like(tensor) for _ in range(P)]
-                dist.all_gather(parts, tensor.detach().contiguous(), group=group)
-                for r in range(P):
-                    from_rank[r].append(parts[r])
+            gathered = [gather_experts(t, group, stack=True) for t in tensors]  # [P, *]: row r from EP rank r
             for r in range(P):
                 replica = module if r == shard.ep_rank else copy.deepcopy(module)
-                for tensor, value in zip(_module_tensors(replica), from_rank[r], strict=True):
-                    tensor.copy_(value)
+                for tensor, full in zip(_module_tensors(replica), gathered, strict=True):
+                    tensor.copy_(full[r])
                 modules[r * L + i] = replica
         bank.experts = nn.ModuleList(modules)
     else:
         for name, param in _expert_tensors(bank):
-            parts = [torch.empty_like(param) for _ in range(shard.ep_size)]
-            dist.all_gather(parts, param.detach().contiguous(), group=group)
-            setattr(bank, name, nn.Parameter(torch.cat(parts), requires_grad=param.requires_grad))
+            setattr(bank, name, nn.Parameter(gather_experts(param, group), requires_grad=param.requires_grad))
     bank.num_experts = shard.num_experts
     bank.expert_offset = 0
     layer.expert_dispatcher = None

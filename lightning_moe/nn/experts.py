@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_moe import _compat
+
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 
 
@@ -29,7 +31,7 @@ def _grouped_mm_usable(x: Tensor, *weights: Tensor) -> bool:
     # faster than torch's CPU _grouped_mm fallback (benchmarks/moe_layer.py).
     return (
         x.is_cuda
-        and hasattr(torch, "_grouped_mm")
+        and _compat.grouped_mm is not None
         and x.dtype == torch.bfloat16
         and all(w.dtype == torch.bfloat16 and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
     )
@@ -151,12 +153,12 @@ class GroupedExperts(nn.Module):
 
     def _forward_grouped_mm(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
         offsets = torch.tensor(counts, device=x_MD.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        h_MH = torch._grouped_mm(x_MD, self.w1, offs=offsets)
+        h_MH = _compat.grouped_mm(x_MD, self.w1, offs=offsets)
         if self.w3 is not None:
-            h_MH = F.silu(h_MH) * torch._grouped_mm(x_MD, self.w3, offs=offsets)
+            h_MH = F.silu(h_MH) * _compat.grouped_mm(x_MD, self.w3, offs=offsets)
         else:
             h_MH = _activation(self.activation)(h_MH)
-        return torch._grouped_mm(h_MH, self.w2, offs=offsets)
+        return _compat.grouped_mm(h_MH, self.w2, offs=offsets)
 
 
 class TemplateExperts(nn.Module):

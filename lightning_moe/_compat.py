@@ -1,0 +1,142 @@
+"""Every private (underscore) name of torch and Lightning that lightning-moe relies on, in one place.
+
+Private names change without deprecation. Each one we use is imported or named here only, listed in
+:data:`PRIVATE_NAMES` with the version it was checked against and what breaks without it, and
+``tests/test_compat.py`` resolves every entry: an upstream rename fails a test loudly instead of
+silently disabling, say, the peer watchdog or upcycle's bypass of torch's fused encoder kernel.
+
+Modules of the package import the aliases below (``from lightning_moe import _compat``), never the
+private names themselves. When upgrading torch or Lightning, run ``tests/test_compat.py`` first and
+update the ``checked`` versions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed._functional_collectives as funcol  # noqa: F401 (re-exported)
+from lightning.fabric.utilities.optimizer import _optimizer_to_device
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.parallel import DistributedDataParallel
+
+TORCH_CHECKED = "2.13.0"
+LIGHTNING_CHECKED = "2.6.6"
+
+
+@dataclass(frozen=True)
+class PrivateName:
+    """One private name of torch or Lightning that the package uses.
+
+    Attributes:
+        module: the importable module that holds it.
+        qualname: attribute path inside ``module`` (``"DDPStrategy._configure_launcher"``).
+        checked: ``"<package> <version>"`` it was last checked against.
+        used_by: where we use it and what breaks when it is renamed.
+    """
+
+    module: str
+    qualname: str
+    checked: str
+    used_by: str
+
+
+_TORCH = f"torch {TORCH_CHECKED}"
+_LIGHTNING = f"lightning {LIGHTNING_CHECKED}"
+
+PRIVATE_NAMES: tuple[PrivateName, ...] = (
+    # torch
+    PrivateName("torch._utils", "_flatten_dense_tensors", _TORCH,
+                "distributed/gradients.py: expert gradients all-reduced in flat buckets"),
+    PrivateName("torch._utils", "_unflatten_dense_tensors", _TORCH,
+                "distributed/gradients.py: expert gradients all-reduced in flat buckets"),
+    PrivateName("torch.nn.parallel", "DistributedDataParallel._set_params_and_buffers_to_ignore_for_model", _TORCH,
+                "strategy.py: expert weights and routing stats kept out of DDP"),
+    PrivateName("torch.distributed._functional_collectives", "all_to_all_single_autograd", _TORCH,
+                "distributed/all_to_all.py: the differentiable token exchange of expert parallelism"),
+    PrivateName("torch.distributed._functional_collectives", "wait_tensor", _TORCH,
+                "distributed/all_to_all.py: waits for the token exchange"),
+    PrivateName("torch", "_grouped_mm", _TORCH,
+                "nn/experts.py: the CUDA grouped GEMM of GroupedExperts (the per-expert loop is the fallback)"),
+    PrivateName("torch", "_weight_int8pack_mm", _TORCH,
+                "compress.py: QuantizedGroupedExperts(kernel='int8_mm')"),
+    PrivateName("torch.nn", "TransformerEncoderLayer._ff_block", _TORCH,
+                "upcycle.py: the encoder layer's feed-forward block, overridden to call the MoE"),
+    PrivateName("torch.nn", "TransformerDecoderLayer._ff_block", _TORCH,
+                "upcycle.py: the decoder layer's feed-forward block, overridden to call the MoE"),
+    PrivateName("torch", "_transformer_encoder_layer_fwd", _TORCH,
+                "upcycle.py: the fused encoder kernel that reads linear1/linear2 directly; "
+                "disable_fused_encoder_fast_path keeps upcycled layers away from it"),
+    # Lightning
+    PrivateName("lightning.pytorch.strategies.launchers", "_SubprocessScriptLauncher", _LIGHTNING,
+                "distributed/launcher.py: the popen launcher the peer watchdog extends"),
+    PrivateName("lightning.pytorch.strategies.launchers", "_SubprocessScriptLauncher._call_children_scripts",
+                _LIGHTNING, "distributed/launcher.py: tells the started ranks the launcher's pid (peer watchdog)"),
+    PrivateName("lightning.pytorch.strategies", "DDPStrategy._configure_launcher", _LIGHTNING,
+                "strategy.py: installs the watched launcher (peer watchdog)"),
+    PrivateName("lightning.fabric.utilities.optimizer", "_optimizer_to_device", _LIGHTNING,
+                "strategy.py: optimizer state moved to the device after a sharded load"),
+    PrivateName("lightning.fabric.utilities.types", "_PATH", _LIGHTNING,
+                "strategy.py: checkpoint path type of Strategy.save_checkpoint/load_checkpoint"),
+)
+
+# -- torch ------------------------------------------------------------------------------------------
+
+flatten_dense_tensors = _flatten_dense_tensors
+unflatten_dense_tensors = _unflatten_dense_tensors
+# The CUDA grouped GEMM; None when this build lacks it (callers then take their per-expert loop).
+grouped_mm = getattr(torch, "_grouped_mm", None)
+# int8 weight x float activation GEMM; None when this build lacks it.
+weight_int8pack_mm = getattr(torch, "_weight_int8pack_mm", None)
+# The feed-forward method of nn.TransformerEncoderLayer / nn.TransformerDecoderLayer that upcycle overrides.
+FF_BLOCK = "_ff_block"
+# nn.TransformerEncoderLayer.forward takes the fused kernel (torch._transformer_encoder_layer_fwd, which
+# reads linear1/linear2 and so bypasses ``_ff_block``) only while this attribute is truthy.
+_FUSED_KERNEL_FLAG = "activation_relu_or_gelu"
+# Attribute DistributedDataParallel reads on the wrapped module: names it must neither broadcast nor reduce.
+_DDP_IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"
+
+
+def disable_fused_encoder_fast_path(layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer) -> None:
+    """Make ``layer`` never eligible for torch's fused encoder kernel (checked first by ``forward``)."""
+    setattr(layer, _FUSED_KERNEL_FLAG, 0)
+
+
+def ddp_ignored_names(module: nn.Module) -> tuple[str, ...]:
+    """Parameter and buffer names ``module`` already asks DistributedDataParallel to ignore."""
+    return tuple(getattr(module, _DDP_IGNORE_ATTR, ()))
+
+
+def set_ddp_ignored_names(module: nn.Module, names: Sequence[str]) -> None:
+    """Ask DistributedDataParallel (wrapping ``module`` later) to neither broadcast nor reduce ``names``."""
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(names))
+
+
+# -- Lightning --------------------------------------------------------------------------------------
+
+SubprocessScriptLauncher = _SubprocessScriptLauncher
+optimizer_to_device = _optimizer_to_device
+PATH = _PATH
+
+__all__ = [
+    "FF_BLOCK",
+    "LIGHTNING_CHECKED",
+    "PATH",
+    "PRIVATE_NAMES",
+    "PrivateName",
+    "SubprocessScriptLauncher",
+    "TORCH_CHECKED",
+    "ddp_ignored_names",
+    "disable_fused_encoder_fast_path",
+    "flatten_dense_tensors",
+    "funcol",
+    "grouped_mm",
+    "optimizer_to_device",
+    "set_ddp_ignored_names",
+    "unflatten_dense_tensors",
+    "weight_int8pack_mm",
+]

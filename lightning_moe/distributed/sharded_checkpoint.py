@@ -1,0 +1,216 @@
+"""The sharded checkpoint format: a torch.distributed.checkpoint (DCP) directory, each rank writing its shards.
+
+Stacked experts are DTensors over the ``("data", "expert")`` mesh (``Replicate`` x ``Shard(0)``),
+per-module experts plain tensors under their global names written by their owners; flat keys
+``model/<name>`` and ``optim<j>/<name>/<state key>``; everything else goes to ``meta.pt`` on rank 0.
+Names and shapes are the logical ones (:mod:`~lightning_moe.distributed.shard_layout`), so a
+directory reshards on resume at any expert-parallel size, and :func:`consolidate_checkpoint` turns
+it into a full file in a single process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_moe.distributed.expert_parallel import ExpertShard
+from lightning_moe.distributed.shard_layout import GROUPED, OptimizerLayout, ShardLayout
+
+META_FILENAME = "meta.pt"
+
+
+def _expert_placements():
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [Replicate(), Shard(0)]  # mesh dims ("data", "expert")
+
+
+def _dtensor(local: Tensor, shard: ExpertShard, mesh) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    shape = torch.Size([shard.num_experts, *local.shape[1:]])
+    return DTensor.from_local(local.contiguous(), mesh, _expert_placements(), run_check=False, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def sharded_model_state(state: Mapping[str, Tensor], layout: ShardLayout, mesh) -> dict[str, Tensor]:
+    """Logical names, stacked experts as DTensors over ``mesh``, per-module experts under global names."""
+    out = {}
+    for name, tensor in state.items():
+        kind, shard, _, _ = layout.classify(name)
+        out[layout.logical_name(name)] = _dtensor(tensor, shard, mesh) if kind == GROUPED else tensor
+    return out
+
+
+def sharded_optimizer_state(optimizer: Optimizer, olayout: OptimizerLayout, mesh) -> dict[str, Any]:
+    """``{"state": {logical name: {key: tensor | DTensor}}, "param_groups": [... names ...]}`` of this rank."""
+    local = optimizer.state_dict()
+    layout = olayout.layout
+    state = {}
+    for idx, st in local["state"].items():
+        name = olayout.local_names[idx]
+        kind, shard, _, _ = layout.classify(name)
+        param = olayout.params[idx]
+        state[layout.logical_name(name)] = {
+            k: _dtensor(v, shard, mesh) if kind == GROUPED and isinstance(v, Tensor) and v.shape == param.shape else v
+            for k, v in st.items()
+        }
+    return {"state": state, "param_groups": olayout.param_groups(local["param_groups"], key=str)}
+
+
+def save_sharded(checkpoint: dict[str, Any], path: Path, is_global_zero: bool) -> None:
+    """Write ``checkpoint`` (from :func:`sharded_model_state` / :func:`sharded_optimizer_state`) as a DCP directory.
+
+    Collective over the default process group: every rank writes its shards.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    checkpoint = dict(checkpoint)
+    flat: dict[str, Any] = {f"model/{k}": v for k, v in checkpoint.pop("state_dict").items()}
+    optimizers = checkpoint.pop("optimizer_states", [])
+    extras = []
+    for j, opt in enumerate(optimizers):
+        extra: dict[str, dict[str, Any]] = {}
+        for name, st in opt["state"].items():
+            for key, value in st.items():
+                if isinstance(value, Tensor):
+                    flat[f"optim{j}/{name}/{key}"] = value
+                else:
+                    extra.setdefault(name, {})[key] = value
+        extras.append({"param_groups": opt["param_groups"], "extra_state": extra})
+    path.mkdir(parents=True, exist_ok=True)
+    dcp.save(flat, checkpoint_id=str(path))
+    if is_global_zero:
+        checkpoint["moe_optimizer_states"] = extras
+        torch.save(checkpoint, path / META_FILENAME)
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / META_FILENAME).is_file()
+
+
+def _optimizer_states_from_flat(flat: Mapping[str, Any], meta_optimizers: list[dict]) -> list[dict[str, Any]]:
+    """Name-keyed (flat DCP) optimizer states -> ``optimizer.state_dict()`` format, logical indices."""
+    states = []
+    for j, meta in enumerate(meta_optimizers):
+        names = [n for g in meta["param_groups"] for n in g["params"]]
+        index = {n: i for i, n in enumerate(names)}
+        state: dict[int, dict[str, Any]] = {}
+        prefix = f"optim{j}/"
+        for key, value in flat.items():
+            if key.startswith(prefix):
+                name, state_key = key[len(prefix):].rsplit("/", 1)
+                state.setdefault(index[name], {})[state_key] = value.to_local() if _is_dtensor(value) else value
+        for name, extra in meta["extra_state"].items():
+            state.setdefault(index[name], {}).update(extra)
+        groups, start = [], 0
+        for g in meta["param_groups"]:
+            groups.append({**{k: v for k, v in g.items() if k != "params"},
+                           "params": list(range(start, start + len(g["params"])))})
+            start += len(g["params"])
+        states.append({"state": dict(sorted(state.items())), "param_groups": groups})
+    return states
+
+
+def _is_dtensor(value: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def load_sharded(path: Path, local_state: Mapping[str, Tensor], olayouts: list[OptimizerLayout], layout: ShardLayout,
+                 mesh, weights_only: bool | None = None) -> dict[str, Any]:
+    """Read a DCP directory into this rank's slices; collective over the default process group.
+
+    Args:
+        path: the checkpoint directory.
+        local_state: the module's current (local) state dict: which logical entries this rank reads.
+        olayouts: layouts of the current optimizers (which optimizer entries this rank reads).
+        layout: name mapping of the sharded layers.
+        mesh: the current ``("data", "expert")`` mesh (None when nothing is sharded).
+        weights_only: passed to ``torch.load`` for ``meta.pt``.
+
+    Returns:
+        A Lightning checkpoint dict: ``state_dict`` with logical names (experts: this rank's rows or
+        global ids only), ``optimizer_states`` in logical-index format, plus everything in ``meta.pt``.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    meta = torch.load(path / META_FILENAME, weights_only=True if weights_only is None else weights_only)
+    meta_optimizers = meta.pop("moe_optimizer_states", [])
+    template: dict[str, Any] = {}
+
+    def wanted(key: str, kind: str, shard: ExpertShard | None, like: Tensor | None) -> None:
+        md = metadata.get(key)
+        if md is None or not hasattr(md, "size"):
+            return
+        dtype = md.properties.dtype
+        size = torch.Size(md.size)
+        if kind == GROUPED and like is not None and len(size) and size[0] == shard.num_experts and mesh is not None:
+            local = torch.empty((shard.num_local, *size[1:]), dtype=dtype, device=like.device)
+            template[key] = _dtensor(local, shard, mesh)
+        else:
+            template[key] = torch.empty(size, dtype=dtype, device=like.device if like is not None else "cpu")
+
+    for name, tensor in local_state.items():
+        kind, shard, _, _ = layout.classify(name)
+        wanted(f"model/{layout.logical_name(name)}", kind, shard, tensor)
+    keys_by_name: dict[tuple[int, str], list[str]] = {}
+    for key in metadata:
+        if key.startswith("optim"):
+            j, rest = key[len("optim"):].split("/", 1)
+            name, _ = rest.rsplit("/", 1)
+            keys_by_name.setdefault((int(j), name), []).append(key)
+    for j, olayout in enumerate(olayouts):
+        for idx, name in enumerate(olayout.local_names):
+            kind, shard, _, _ = layout.classify(name)
+            for key in keys_by_name.get((j, layout.logical_name(name)), []):
+                wanted(key, kind, shard, olayout.params[idx])
+    dcp.load(template, checkpoint_id=str(path))
+
+    state_dict = {k[len("model/"):]: v.to_local() if _is_dtensor(v) else v
+                  for k, v in template.items() if k.startswith("model/")}
+    return {**meta, "state_dict": state_dict,
+            "optimizer_states": _optimizer_states_from_flat(template, meta_optimizers)}
+
+
+def consolidate_checkpoint(path: str | Path, output: str | Path | None = None) -> dict[str, Any]:
+    """Turn a sharded (DCP) checkpoint directory into a full one, in a single process (no process group).
+
+    Args:
+        path: the directory written with ``MoEStrategy(checkpoint="sharded")``.
+        output: where to ``torch.save`` the result (optional). It then loads with
+            ``MyModel.load_from_checkpoint(output)`` and resumes under any strategy.
+
+    Returns:
+        The full Lightning checkpoint dict (logical names and shapes, optimizer states indexed as
+        for the unsharded model).
+
+    Example::
+
+        python -c "from lightning_moe.strategy import consolidate_checkpoint as c; c('last.ckpt', 'last.full.ckpt')"
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise ValueError(f"consolidate_checkpoint: path={str(path)!r} must be a directory written with "
+                         f"MoEStrategy(checkpoint='sharded') (holding {META_FILENAME})")
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    template = {k: torch.empty(torch.Size(md.size), dtype=md.properties.dtype)
+                for k, md in metadata.items() if hasattr(md, "size")}
+    dcp.load(template, checkpoint_id=str(path), no_dist=True)
+    meta = torch.load(path / META_FILENAME, weights_only=True)
+    meta_optimizers = meta.pop("moe_optimizer_states", [])
+    checkpoint = {**meta, "state_dict": {k[len("model/"):]: v for k, v in template.items() if k.startswith("model/")},
+                  "optimizer_states": _optimizer_states_from_flat(template, meta_optimizers)}
+    if output is not None:
+        torch.save(checkpoint, output)
+    return checkpoint
