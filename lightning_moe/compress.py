@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe.nn.experts import GroupedExperts, _activation
+from lightning_moe.nn.experts import GroupedExperts, activation_function
 from lightning_moe.nn.moe import MoE
 
 WEIGHTS = ("w1", "w2", "w3")
@@ -248,7 +248,7 @@ class QuantizedGroupedExperts(nn.Module):
         if self.w3_q is not None:
             h_CH = F.silu(h_CH) * self._linear(x_CD, "w3", e)
         else:
-            h_CH = _activation(self.activation)(h_CH)
+            h_CH = activation_function(self.activation)(h_CH)
         y_CD = self._linear(h_CH, "w2", e)
         if self.b2 is not None:
             y_CD = y_CD + self.b2[e].to(y_CD.dtype)
@@ -441,7 +441,7 @@ class LowRankGroupedExperts(nn.Module):
             if w3 is not None:
                 h_CH = F.silu(h_CH) * self._matmul(x_CD, w3[e])
             else:
-                h_CH = _activation(self.activation)(h_CH)
+                h_CH = activation_function(self.activation)(h_CH)
             y_CD = self._matmul(h_CH, w2[e])
             outputs.append(y_CD if b2 is None else y_CD + b2[e])
         if not outputs:  # keep every factor in the graph, as GroupedExperts does for an empty step
