@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe.nn.experts import GroupedExperts, activation_function
-from lightning_moe.nn.moe import MoE
+from lightning_moe.nn.moe import find_moe_layers
 
 WEIGHTS = ("w1", "w2", "w3")
 KERNELS = ("dequant", "int8_mm")
@@ -99,9 +99,7 @@ def _weight_numel(module: nn.Module) -> int:
 
 def _expert_banks(model: nn.Module, include_shared: bool):
     """Yield ``(path, owner MoE, attribute)`` of every expert bank in ``model``."""
-    for name, layer in model.named_modules():
-        if not isinstance(layer, MoE):
-            continue
+    for name, layer in find_moe_layers(model):
         prefix = f"{name}." if name else ""
         yield f"{prefix}experts", layer, "experts"
         if include_shared and layer.shared_experts is not None:
@@ -286,6 +284,7 @@ def quantize_experts(
         ValueError: for ``bits != 8`` or an unknown ``kernel``.
 
     Example:
+        >>> from lightning_moe import MoE
         >>> model = nn.Sequential(MoE(dim=64, num_experts=4))
         >>> report = quantize_experts(model)
         >>> round(report.ratio, 1)
@@ -473,6 +472,7 @@ def low_rank_experts(
         ValueError: for ``rank < 1`` or ``energy`` outside (0, 1].
 
     Example:
+        >>> from lightning_moe import MoE
         >>> model = nn.Sequential(MoE(dim=16, num_experts=4, hidden_dim=64))
         >>> low_rank_experts(model, rank=4).layers[0].detail
         {'w1': 4, 'w2': 4}

@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe.distributed.expert_parallel import ExpertShard, find_moe_layers, shard_moe_layer
+from lightning_moe.distributed.expert_parallel import ExpertShard, shard_moe_layer
 from lightning_moe.distributed.simulated import SimulatedExpertParallel
 from lightning_moe.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from lightning_moe.nn.experts import GroupedExperts
-from lightning_moe.nn.moe import MoE
+from lightning_moe.nn.moe import MoE, find_moe_layers
 from lightning_moe.plan import (
     GATED_ACTIVATIONS,
     Architecture,

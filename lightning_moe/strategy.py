@@ -44,10 +44,10 @@ from lightning_moe.distributed.expert_parallel import (
     expert_parameters,
     expert_shard,
     expert_state_names,
-    find_moe_layers,
     shard_moe_layer,
     unshard_moe_layer,
 )
+from lightning_moe.nn.moe import find_moe_layers
 
 CHECKPOINT_FORMATS = ("full", "sharded")
 PEER_FAILURE_GRACE_S = 5.0  # a rank whose launcher died exits after this long if it has not failed by itself

@@ -11,7 +11,6 @@ Shape legend: E experts (global), D model width, H expert hidden width, K kept e
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,14 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import prune as torch_prune
 
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
-from lightning_moe.nn.moe import MoE
+from lightning_moe.nn.moe import MoE, find_moe_layers
 
 # old parameter id -> (old parameter, new parameter or None when removed, kept rows; None: state already moved)
 _Remap = dict[int, tuple[nn.Parameter, "nn.Parameter | None", "Tensor | None"]]
-
-
-def _moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
 
 
 def _expert_parallel_size(trainer: pl.Trainer) -> int:
@@ -62,7 +57,7 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> _Remap:
     Raises:
         ValueError: when the layer is sharded or ``keep_E`` is empty or out of range.
     """
-    name = layer._name()
+    name = layer.display_name
     bank = layer.experts
     if bank.num_experts != layer.num_experts:
         raise ValueError(f"ExpertPruning: layer {name} holds {bank.num_experts} of its {layer.num_experts} experts "
@@ -129,14 +124,14 @@ def _remove_sharded_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: S
     layer, and shards it again over the same group (``K`` must be a multiple of its size). Every
     rank of the group must call it with the same ``keep_E``, for its layers in the same order.
     """
-    from lightning_moe.distributed.expert_parallel import expert_shard, shard_moe_layer, unshard_moe_layer
+    from lightning_moe.distributed.expert_parallel import expert_group, expert_shard, shard_moe_layer, unshard_moe_layer
 
     shard, bank = expert_shard(layer), layer.experts
     if shard is None or not isinstance(bank, GroupedExperts):
         raise ValueError(f"ExpertPruning: layer {path!r} holds {bank.num_experts} of its {layer.num_experts} experts "
                          f"in a {type(bank).__name__} that is not sharded by MoEStrategy; pruning sharded layers "
                          "needs GroupedExperts sharded by strategy='moe' (or prune with expert_parallel_size=1)")
-    group = layer.expert_dispatcher.group
+    group = expert_group(layer)
     old_params = {attr: p for attr, p in bank._parameters.items() if p is not None}
     # 1. Optimizer state of the group's experts, gathered along the expert dim (same order on every rank).
     full_state: dict[str, tuple[torch.optim.Optimizer, dict, set]] = {}
@@ -284,19 +279,17 @@ class ExpertPruning(Callback):
         self.at_epoch = at_epoch
         self.counts: dict[str, Tensor] = {}
         self.kept: dict[str, list[int]] = {}
-        self._last_seen: dict[str, Any] = {}
+        self._last_seen: dict[str, int] = {}  # layer path -> its forward_count when last counted
         self._done = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._done:
             return
-        for name, layer in _moe_layers(pl_module):
-            loss = layer._aux_loss
-            seen = self._last_seen.get(name)
-            if loss is None or (seen is not None and seen() is loss):  # the layer did not run in this batch
+        for name, layer in find_moe_layers(pl_module):
+            if layer.forward_count == self._last_seen.get(name, 0):  # the layer did not run in this batch
                 continue
-            self._last_seen[name] = weakref.ref(loss)
+            self._last_seen[name] = layer.forward_count
             counts = layer.tokens_per_expert.detach()
             if name not in self.counts or self.counts[name].shape != counts.shape:
                 self.counts[name] = torch.zeros_like(counts)
@@ -308,7 +301,7 @@ class ExpertPruning(Callback):
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[int]]:
         """Prune every layer now from the counts so far (all ranks must call it); returns the kept ids."""
-        layers = _moe_layers(pl_module)
+        layers = find_moe_layers(pl_module)
         ep = _expert_parallel_size(trainer)
         for name, layer in layers:  # refuse before changing anything
             sharded = layer.experts.num_experts != layer.num_experts
@@ -454,7 +447,7 @@ class ExpertMagnitudePruning(ModelPruning):
     def expert_parameters(self, pl_module: nn.Module) -> list[tuple[nn.Module, str]]:
         """``(module, name)`` of every expert weight in ``pl_module`` (see the class docstring)."""
         found: list[tuple[nn.Module, str]] = []
-        for name, layer in _moe_layers(pl_module):
+        for name, layer in find_moe_layers(pl_module):
             banks = [layer.experts] + ([layer.shared_experts] if self.include_shared and layer.shared_experts else [])
             for bank in banks:
                 if isinstance(bank, GroupedExperts):
