@@ -70,9 +70,11 @@ class DispatchPlan:
         if len(send_counts) != P * L or len(received_counts) != P * L:
             raise ValueError(f"DispatchPlan: got {len(send_counts)} send and {len(received_counts)} received counts "
                              f"for {P} ranks of {L} local experts; pass one count per expert of the layer")
-        send, recv = [int(c) for c in send_counts], [int(c) for c in received_counts]
+        send, recv = tuple(send_counts), tuple(received_counts)
+        if P == 1:  # local: keep the per-forward Python cost to a few microseconds
+            return cls(send, (sum(send),), (sum(recv),), recv, received_counts_SL)
         return cls(
-            send_counts=tuple(send),
+            send_counts=send,
             input_splits=tuple(sum(send[r * L:(r + 1) * L]) for r in range(P)),
             output_splits=tuple(sum(recv[s * L:(s + 1) * L]) for s in range(P)),
             local_counts=tuple(sum(recv[s * L + e] for s in range(P)) for e in range(L)),
