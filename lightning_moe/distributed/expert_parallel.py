@@ -102,8 +102,8 @@ class ShardedDispatcher(abc.ABC):
 
     def __repr__(self) -> str:
         s = self.shard
-        return f"{type(self).__name__}(experts {s.offset}..{s.offset + s.num_local - 1} of {s.num_experts}, " \
-               f"ep_rank={s.ep_rank} of {s.ep_size})"
+        return (f"{type(self).__name__}(experts {s.offset}..{s.offset + s.num_local - 1} of {s.num_experts}, "
+                f"ep_rank={s.ep_rank} of {s.ep_size})")
 
     def plan(self, kept_counts_E: Tensor, host_counts: Sequence[int] | None = None) -> DispatchPlan:
         """Step 1: exchange the per-expert counts and bring what the exchange needs to the host.
@@ -170,8 +170,8 @@ class ExpertParallelDispatcher(ShardedDispatcher):
 
     def __repr__(self) -> str:
         s = self.shard
-        return f"{type(self).__name__}(experts {s.offset}..{s.offset + s.num_local - 1} of {s.num_experts}, " \
-               f"ep={s.ep_size})"
+        return (f"{type(self).__name__}(experts {s.offset}..{s.offset + s.num_local - 1} of {s.num_experts}, "
+                f"ep={s.ep_size})")
 
 
 def expert_major_order(counts_SL: Tensor, total: int) -> Tensor:
