@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed._functional_collectives as funcol  # noqa: F401 (re-exported)
@@ -62,6 +63,9 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
                 "distributed/all_to_all.py: waits for the token exchange"),
     PrivateName("torch", "_grouped_mm", _TORCH,
                 "nn/experts.py: the CUDA grouped GEMM of GroupedExperts (the per-expert loop is the fallback)"),
+    PrivateName("torch._C._autograd", "_make_saved_tensor", _TORCH,
+                "nn/ops/grouped_mlp.py: per-expert saved activations that go through saved_tensors_hooks "
+                "(checkpointing, offloading) and are freed expert by expert in the fused backward"),
     PrivateName("torch", "_weight_int8pack_mm", _TORCH,
                 "compress.py: QuantizedGroupedExperts(kernel='int8_mm')"),
     PrivateName("torch.nn", "TransformerEncoderLayer._ff_block", _TORCH,
@@ -90,6 +94,17 @@ flatten_dense_tensors = _flatten_dense_tensors
 unflatten_dense_tensors = _unflatten_dense_tensors
 # The CUDA grouped GEMM; None when this build lacks it (callers then take their per-expert loop).
 grouped_mm = getattr(torch, "_grouped_mm", None)
+
+
+def make_saved_tensor(tensor: torch.Tensor) -> Any:
+    """Save ``tensor`` for a backward as autograd does (the active ``saved_tensors_hooks`` pack it).
+
+    ``.unpack()`` on the result gives it back through the matching unpack hook; dropping the result frees it.
+    torch.utils.checkpoint saves its inputs the same way.
+    """
+    return torch._C._autograd._make_saved_tensor(tensor, is_output=False)
+
+
 # int8 weight x float activation GEMM; None when this build lacks it.
 weight_int8pack_mm = getattr(torch, "_weight_int8pack_mm", None)
 # The feed-forward method of nn.TransformerEncoderLayer / nn.TransformerDecoderLayer that upcycle overrides.
@@ -135,6 +150,7 @@ __all__ = [
     "flatten_dense_tensors",
     "funcol",
     "grouped_mm",
+    "make_saved_tensor",
     "optimizer_to_device",
     "set_ddp_ignored_names",
     "unflatten_dense_tensors",

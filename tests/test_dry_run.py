@@ -20,6 +20,7 @@ from lightning_moe.dry_run import (
     simulation_layout,
 )
 from lightning_moe.models import build_model, num_params
+from lightning_moe.nn import LocalDispatcher
 from lightning_moe.plan import PRESETS, Architecture, Layout, count_params, params_per_rank
 
 from launch import run_script
@@ -161,10 +162,20 @@ def test_simulated_dispatcher_rejects_a_foreign_layer():
         SimulatedExpertParallel(shard).plan(torch.tensor([1, 1, 1, 1]))
 
 
+class _GenericPath:
+    """A local dispatcher that is not LocalDispatcher, so the layer does not fuse its dispatch."""
+
+    plan = LocalDispatcher.plan
+    __call__ = LocalDispatcher.__call__
+
+
 def test_moe_combine_keeps_no_third_copy_of_the_routed_rows():
     # Regression: the combine's index_add kept its [M, D] weighted source alive for backward, on top of the
     # expert input and output the planner counts (2 rows of D per assignment).
+    # The generic dispatch path (gather, experts, combine: what an expert-parallel layer runs); the local
+    # layer fuses the three and saves no [M, D] copy at all (tests/test_perf_paths.py).
     layer = _layer(8, 16)
+    layer.expert_dispatcher = _GenericPath()
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     saved = {}
 

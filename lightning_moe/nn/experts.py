@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from lightning_moe import _compat
 from lightning_moe.nn.dispatch import expert_output_dtype
+from lightning_moe.nn.ops.combine import weighted_combine
+from lightning_moe.nn.ops.grouped_mlp import FUSED_ACTIVATIONS, grouped_mlp, routed_mlp
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 
@@ -130,7 +132,49 @@ class GroupedExperts(nn.Module):
         weights = [w for w in (self.w1, self.w2, self.w3) if w is not None]
         if _grouped_mm_usable(x_MD, *weights) and self.b1 is None:
             return self._forward_grouped_mm(x_MD, counts)
+        if self._fused(x_MD):
+            return grouped_mlp(*self._cast(x_MD), counts, *self._cast_weights(x_MD), activation=self.activation)
         return self._forward_loop(x_MD, counts)
+
+    def forward_routed(self, x_TD: Tensor, token_N: Tensor, weights_N: Tensor, counts: Tensor | Sequence[int]
+                       ) -> Tensor:
+        """Gather, run and combine: per token, the weighted sum of the expert outputs of its rows.
+
+        Equals ``weighted_combine(self(x_TD[token_M], counts), weights_M, token_M, T)`` over the first
+        ``M = sum(counts)`` rows; where the fused path applies it runs expert by expert without any ``[M, D]``
+        buffer (``nn/ops/grouped_mlp.py``).
+
+        Args:
+            x_TD: tokens ``[T, D]``.
+            token_N: token of each row, rows grouped by expert (``counts[e]`` rows for expert ``e``); rows
+                past ``sum(counts)`` (dropped assignments) are ignored.
+            weights_N: routing weight of each row.
+            counts: rows per expert held here: a LongTensor (read on the host here: the one sync) or host ints.
+        """
+        if len(counts) != self.num_experts:
+            raise ValueError(f"{type(self).__name__}: got {len(counts)} counts for {self.num_experts} experts")
+        if self._fused(x_TD):
+            return routed_mlp(*self._cast(x_TD), token_N, weights_N, counts, *self._cast_weights(x_TD),
+                              activation=self.activation)
+        # NOTE: host sync (counts as a tensor): the expert GEMMs need their sizes.
+        host = counts.tolist() if isinstance(counts, Tensor) else list(counts)
+        token_M, weights_M = token_N[: sum(host)], weights_N[: sum(host)]
+        return weighted_combine(self(x_TD.index_select(0, token_M), host), weights_M, token_M, x_TD.shape[0])
+
+    def _fused(self, x: Tensor) -> bool:
+        # The fused per-expert loop (nn/ops/grouped_mlp.py), unless the CUDA grouped GEMM takes the rows.
+        weights = [w for w in (self.w1, self.w2, self.w3) if w is not None]
+        grouped = _grouped_mm_usable(x, *weights) and self.b1 is None
+        return not grouped and self.activation in FUSED_ACTIVATIONS
+
+    def _cast_weights(self, x: Tensor) -> list[Tensor | None]:
+        # The op runs without autocast: make autocast's choice of GEMM dtype explicit (differentiable casts).
+        return self._cast(x, self.w1, self.w2, self.w3, self.b1, self.b2)
+
+    @staticmethod
+    def _cast(x: Tensor, *tensors: Tensor | None) -> list:
+        dtype = expert_output_dtype(x)
+        return [t if t is None or t.dtype == dtype else t.to(dtype) for t in (tensors or (x,))]
 
     def _forward_loop(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
         # NOTE: unbind, not w[e]: the backward of E separate w[e] selects materialises E full-size

@@ -111,7 +111,8 @@ def sort_by_expert(
         ``counts_E`` counts assignments before drops, ``kept_counts_E`` after.
     """
     ids_N = top_ids_TK.t().reshape(-1)
-    counts_E = torch.bincount(ids_N, minlength=num_experts + 1)[:num_experts]
+    # Not bincount: its output length depends on the data (max id + 1), which torch.compile cannot trace.
+    counts_E = ids_N.new_zeros(num_experts + 1).scatter_add_(0, ids_N, torch.ones_like(ids_N))[:num_experts]
     if capacity is None:
         order_N = torch.argsort(ids_N, stable=True)
         keep_N = ids_N[order_N] < num_experts

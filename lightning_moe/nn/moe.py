@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from lightning_moe.nn import functional as MF
 from lightning_moe.nn.dispatch import ExpertDispatcher, LocalDispatcher
 from lightning_moe.nn.experts import ACTIVATIONS, GroupedExperts, TemplateExperts
+from lightning_moe.nn.ops.combine import weighted_combine
 from lightning_moe.nn.router import ExpertChoiceRouter, TokenChoiceRouter
 
 ROUTERS = ("token_choice", "expert_choice")
@@ -138,7 +139,9 @@ class MoE(nn.Module):
         )
         # Replaced from outside (expert_dispatcher) by the expert-parallel strategy; the layer knows no process group.
         self.dispatcher: ExpertDispatcher = LocalDispatcher()
-        self.forward_count = 0
+        # A 0-dim CPU tensor, not an int: torch.compile would guard on an int attribute (and recompile every
+        # forward); it counts a tensor inside the graph. Read it as an int through forward_count.
+        self._forwards = torch.zeros((), dtype=torch.long)
 
         stat_device = device
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long, device=stat_device),
@@ -192,8 +195,14 @@ class MoE(nn.Module):
         # The last forward's losses are non-leaf tensors with a graph: copy.deepcopy and pickle
         # refuse them, so a copy starts as a fresh layer does (losses read 0 until its forward).
         state = self.__dict__.copy()
-        state.update(_aux_loss=None, _load_balancing_loss=None, _z_loss=None, forward_count=0)
+        state.update(_aux_loss=None, _load_balancing_loss=None, _z_loss=None,
+                     _forwards=torch.zeros((), dtype=torch.long))
         return state
+
+    @property
+    def forward_count(self) -> int:
+        """Forwards run so far (a plain int); compiled forwards count too."""
+        return int(self._forwards)
 
     @property
     def expert_dispatcher(self) -> ExpertDispatcher | None:
@@ -289,7 +298,7 @@ class MoE(nn.Module):
             out_TD = self._expert_choice(x_TD, valid_T)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD, [x_TD.shape[0]])
-        self.forward_count += 1
+        self._forwards.add_(1)
         return out_TD.reshape(x.shape)
 
     def _token_choice(self, x_TD: Tensor, valid_T: Tensor | None) -> Tensor:
@@ -302,16 +311,11 @@ class MoE(nn.Module):
             capacity = MF.expert_capacity(self.capacity_factor, num_routed, self.top_k, self.num_experts)
         # 1. Sort the T*K assignments (k-major) by expert; capacity drops overflow, deterministically.
         order_N, _, counts_E, kept_counts_E = MF.sort_by_expert(routing.top_ids_TK, self.num_experts, capacity)
-        # 2. Plan the dispatch. NOTE: the one host sync of the layer: per-expert counts size the expert
-        # GEMMs (an expert-parallel dispatcher exchanges counts with its peers in the same sync).
-        plan = self.dispatcher.plan(kept_counts_E)
-        order_M = order_N[: plan.num_sent]
-        # 3. Gather tokens into one contiguous buffer grouped by expert (flat index n = k*T + t); run the experts.
-        token_M = order_M % num_tokens if num_tokens else order_M
-        weights_M = routing.top_weights_TK.t().reshape(-1)[order_M]
-        y_MD = self.dispatcher(x_TD[token_M], plan, self.experts)
-        # 4. Weighted sum back per token; dropped assignments contribute nothing.
-        out_TD = self._combine(y_MD, token_M, weights_M, num_tokens)
+        # 2. Each assignment's token (flat index n = k*T + t) and weight, in that order: kept ones first, by expert.
+        token_N = order_N % num_tokens if num_tokens else order_N
+        weights_N = routing.top_weights_TK.t().reshape(-1).index_select(0, order_N)
+        # 3. Experts, and the weighted sum back per token (dropped assignments contribute nothing).
+        out_TD = self._run_experts(x_TD, token_N, weights_N, kept_counts_E)
 
         probs_TE = routing.scores_TE
         if self.score_func == "sigmoid":
@@ -332,9 +336,7 @@ class MoE(nn.Module):
         # Every expert fills its capacity (known on the host): a local plan needs no sync; an
         # expert-parallel one still exchanges counts (ranks' capacities differ with their token counts).
         kept_counts_E = torch.full_like(counts_E, capacity)
-        plan = self.dispatcher.plan(kept_counts_E, host_counts=[capacity] * self.num_experts)
-        y_MD = self.dispatcher(x_TD[token_M], plan, self.experts)
-        out_TD = self._combine(y_MD, token_M, weights_M, num_tokens)
+        out_TD = self._run_experts(x_TD, token_M, weights_M, kept_counts_E, host_counts=[capacity] * self.num_experts)
 
         with torch.no_grad():
             taken_T = torch.zeros(num_tokens, device=x_TD.device, dtype=torch.long)
@@ -345,13 +347,26 @@ class MoE(nn.Module):
         self._record(counts_E, untaken_T.sum(), num_routed, routing.scores_TE, valid_T)
         return out_TD
 
-    @staticmethod
-    def _combine(y_MD: Tensor, token_M: Tensor, weights_M: Tensor, num_tokens: int) -> Tensor:
-        out_TD = y_MD.new_zeros((num_tokens, y_MD.shape[-1]))
-        # NOTE: scatter_add, not index_add: index_add's backward keeps its [M, D] source alive (a third
-        # copy of the routed rows next to the expert input and output); scatter_add keeps only the index.
-        index_MD = token_M[:, None].expand(-1, y_MD.shape[-1])
-        return out_TD.scatter_add(0, index_MD, y_MD * weights_M.to(y_MD.dtype)[:, None])
+    def _run_experts(self, x_TD: Tensor, token_N: Tensor, weights_N: Tensor, kept_counts_E: Tensor,
+                     host_counts: list[int] | None = None) -> Tensor:
+        """Rows ``token_N`` (grouped by expert, ``kept_counts_E[e]`` for expert ``e``, dropped ones after them)
+        through the dispatcher and the experts, weighted and summed back per token.
+
+        ``host_counts``: ``kept_counts_E`` when the caller knows it on the host (expert choice), saving the sync.
+        """
+        if self.expert_dispatcher is None and isinstance(self.experts, GroupedExperts):
+            # Local experts: gather, experts and combine fused, expert by expert (nn/ops/grouped_mlp.py); it
+            # brings the counts to the host itself (under torch.compile inside a custom operator: no graph break).
+            counts = kept_counts_E if host_counts is None else host_counts
+            return self.experts.forward_routed(x_TD, token_N, weights_N, counts)
+        # NOTE: the one host sync of the layer: per-expert counts size the expert GEMMs (an expert-parallel
+        # dispatcher exchanges counts with its peers in the same sync).
+        plan = self.dispatcher.plan(kept_counts_E, host_counts=host_counts)
+        token_M, weights_M = token_N[: plan.num_sent], weights_N[: plan.num_sent]
+        # index_select, not x_TD[token_M]: its backward is one index_add, not an accumulating index_put.
+        y_MD = self.dispatcher(x_TD.index_select(0, token_M), plan, self.experts)
+        # Fused combine (nn/ops/combine.py): its backward keeps y_MD and the weights, no second [M, D] copy.
+        return weighted_combine(y_MD, weights_M, token_M, x_TD.shape[0])
 
     def _check_finite(self, logits_TE: Tensor) -> None:
         if self.check_finite and not bool(torch.isfinite(logits_TE).all()):

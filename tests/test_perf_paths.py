@@ -1,0 +1,230 @@
+"""The fused hot-path pieces (lightning_moe/nn/ops) against their references: values, gradients, saved tensors.
+
+No timings here (benchmarks/ measures them): these tests say the fast paths compute what the readable ones do,
+free what they should when they should, and go through autograd's saved-tensor hooks like any other op.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from lightning_moe import MoE
+from lightning_moe.nn import LocalDispatcher
+from lightning_moe.nn.ops import (
+    grouped_mlp,
+    grouped_mlp_reference,
+    routed_mlp,
+    routed_mlp_reference,
+    weighted_combine,
+    weighted_combine_reference,
+)
+
+D, H = 6, 10
+ACTIVATIONS = ["gelu", "relu", "silu", "swiglu"]
+
+
+def _weights(experts: int, activation: str, bias: bool, dtype=torch.float64) -> list:
+    torch.manual_seed(1)
+
+    def param(*shape):
+        return torch.randn(*shape, dtype=dtype, requires_grad=True)
+
+    return [param(experts, D, H), param(experts, H, D), param(experts, D, H) if activation == "swiglu" else None,
+            param(experts, H) if bias else None, param(experts, D) if bias else None]
+
+
+def _grads(tensors) -> list:
+    out = [t.grad.clone() if t is not None and t.grad is not None else None for t in tensors]
+    for t in tensors:
+        if t is not None:
+            t.grad = None
+    return out
+
+
+def _assert_all_close(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_mlp_matches_reference_values_and_grads(activation, bias):
+    weights = _weights(4, activation, bias)
+    counts = [3, 0, 5, 1]  # an expert without rows: its weight gradients are zeros, not missing
+    x = torch.randn(sum(counts), D, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fn in (grouped_mlp, grouped_mlp_reference):
+        y = fn(x, counts, *weights, activation=activation)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        results.append((y.detach(), _grads([x, *weights])))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    _assert_all_close(results[0][1], [g if g is not None or t is None else torch.zeros_like(t)
+                                      for g, t in zip(results[1][1], [x, *weights], strict=True)])
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("counts_as_tensor", [False, True])
+def test_routed_mlp_matches_reference_values_and_grads(activation, bias, counts_as_tensor):
+    weights = _weights(3, activation, bias)
+    num_tokens, counts = 7, [4, 0, 5]
+    # Rows grouped by expert, a token at most once per expert; token 6 gets no row; 2 dropped rows at the end.
+    token_N = torch.tensor([0, 2, 3, 5, 0, 1, 2, 4, 5, 3, 6])
+    x = torch.randn(num_tokens, D, dtype=torch.float64, requires_grad=True)
+    w_N = torch.rand(token_N.shape[0], dtype=torch.float32, requires_grad=True)
+    results = []
+    for fn in (routed_mlp, routed_mlp_reference):
+        c = torch.tensor(counts) if counts_as_tensor else counts
+        out = fn(x, token_N, w_N, c, *weights, activation=activation)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out.detach(), _grads([x, w_N, *weights])))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][0][6].abs().sum() == 0
+    want = [g if g is not None or t is None else torch.zeros_like(t)
+            for g, t in zip(results[1][1], [x, w_N, *weights], strict=True)]
+    _assert_all_close(results[0][1], want)
+    assert results[0][1][1].dtype == torch.float32 and results[0][1][1][-2:].abs().sum() == 0  # dropped rows
+
+
+def test_weighted_combine_matches_reference_values_and_grads():
+    torch.manual_seed(0)
+    y = torch.randn(9, D, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(9, dtype=torch.float32, requires_grad=True)
+    token = torch.tensor([0, 3, 3, 1, 0, 4, 4, 4, 2])
+    results = []
+    for fn in (weighted_combine, weighted_combine_reference):
+        out = fn(y, w, token, num_tokens=6)
+        (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out.detach(), _grads([y, w])))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    _assert_all_close(results[0][1], results[1][1])
+
+
+def test_no_rows_still_gives_every_weight_a_zero_gradient():
+    weights = _weights(2, "gelu", bias=True)
+    x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+    out = routed_mlp(x, torch.tensor([0, 1]), torch.ones(2), [0, 0], *weights)
+    assert out.shape == (3, D) and out.abs().sum() == 0
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() == 0 for t in weights if t is not None)
+
+
+def test_frozen_experts_get_no_gradient_and_inputs_still_do():
+    weights = [t.detach() if t is not None else None for t in _weights(2, "swiglu", bias=False)]
+    x = torch.randn(4, D, dtype=torch.float64, requires_grad=True)
+    grouped_mlp(x, [1, 3], *weights, activation="swiglu").sum().backward()
+    expected = torch.autograd.grad(grouped_mlp_reference(x, [1, 3], *weights, activation="swiglu").sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("fused", [grouped_mlp, routed_mlp])
+def test_a_second_backward_through_one_forward_raises(fused):
+    weights = _weights(2, "gelu", bias=False)
+    x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+    args = (x, [1, 2]) if fused is grouped_mlp else (x, torch.tensor([0, 1, 2]), torch.ones(3), [1, 2])
+    out = fused(*args, *weights)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.sum().backward()
+
+
+class _Holder:
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+@pytest.mark.parametrize("fused", [grouped_mlp, routed_mlp])
+def test_activations_go_through_saved_tensor_hooks_and_die_expert_by_expert(fused):
+    """Every activation is packed by the active hooks, and the backward drops each expert's before the next."""
+    weights = _weights(3, "gelu", bias=False)
+    counts = [2, 3, 2]
+    x = torch.randn(sum(counts), D, dtype=torch.float64, requires_grad=True)
+    events: list[tuple[str, int]] = []
+
+    def pack(t):
+        holder = _Holder(t)
+        if t.dim() == 2 and t.shape[-1] == H:  # the hidden activations (h and act(h)) of one expert
+            rows = t.shape[0]
+            weakref.finalize(holder, events.append, ("freed", rows))
+        return holder
+
+    def unpack(holder):
+        if holder.tensor.dim() == 2 and holder.tensor.shape[-1] == H:
+            events.append(("unpacked", holder.tensor.shape[0]))
+        return holder.tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        if fused is grouped_mlp:
+            out = grouped_mlp(x, counts, *weights)
+        else:
+            out = routed_mlp(x, torch.arange(sum(counts)), torch.ones(sum(counts)), counts, *weights)
+    assert not events
+    out.sum().backward()
+    gc.collect()
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("unpacked") == kinds.count("freed") == 2 * len(counts)
+    # Experts run last first; the last expert's two activations are freed before the first one's are unpacked.
+    assert kinds.index("freed") < len(kinds) - kinds[::-1].index("unpacked") - 1
+
+
+def test_moe_under_checkpoint_matches_plain_backward():
+    torch.manual_seed(0)
+    layer = MoE(8, 4, top_k=2, hidden_dim=12, activation="swiglu").double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    layer(x).square().sum().backward()
+    plain = [p.grad.clone() for p in layer.parameters()] + [x.grad.clone()]
+    layer.zero_grad()
+    x.grad = None
+    checkpoint(layer, x, use_reentrant=False).square().sum().backward()
+    for got, want in zip([p.grad for p in layer.parameters()] + [x.grad], plain, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+class _PassThrough:
+    """A dispatcher that is not LocalDispatcher: the layer takes its generic path (gather, experts, combine)."""
+
+    plan = LocalDispatcher.plan
+    __call__ = LocalDispatcher.__call__
+
+
+@pytest.mark.parametrize("option", [dict(), dict(capacity_factor=0.6), dict(router="expert_choice"),
+                                    dict(activation="swiglu", bias=True), dict(activation="relu", padded=True)])
+def test_fused_local_layer_matches_the_generic_dispatch_path(option):
+    option = dict(option)
+    padded = option.pop("padded", False)
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        layers.append(MoE(8, 4, top_k=2, hidden_dim=12, **option).double())
+    layers[1].expert_dispatcher = _PassThrough()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    mask = torch.rand(3, 5) < 0.3 if padded else None
+    results = []
+    for layer in layers:
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi, padding_mask=mask)
+        (out.square().sum() + layer.aux_loss).backward()
+        results.append([out.detach(), xi.grad] + [p.grad for p in layer.parameters()])
+    _assert_all_close(results[0], results[1])
+    torch.testing.assert_close(layers[0].tokens_per_expert, layers[1].tokens_per_expert)
+
+
+def test_fused_experts_under_autocast_match_the_loop_in_bfloat16():
+    torch.manual_seed(0)
+    layer = MoE(16, 4, top_k=2, hidden_dim=32)
+    x = torch.randn(40, 16)
+    counts = [10, 0, 20, 10]
+    xs = torch.randn(40, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        fused, loop = layer.experts(xs, counts), layer.experts._forward_loop(xs, counts)
+    assert y.dtype == fused.dtype == loop.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, loop, atol=2e-2, rtol=2e-2)
