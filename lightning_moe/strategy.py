@@ -11,11 +11,17 @@ for the experts of every MoE layer, over a ``("data", "expert")`` device mesh:
   divided by the world size, so N-rank training equals single-process training on the global batch;
 - checkpoints hold the full logical model (one file, gathered to rank 0) or a
   torch.distributed.checkpoint directory (``checkpoint="sharded"``), and reshard on resume.
+
+``data_parallel="fsdp"`` (``Trainer(strategy="moe_fsdp")``) shards instead of replicating, with torch's FSDP2
+(:mod:`lightning_moe.distributed.fsdp`): dense parameters over every rank, each expert bank over the ranks
+holding the same experts; models built on the meta device are materialised shard by shard
+(:mod:`lightning_moe.distributed.materialise`), and checkpoints are DCP directories that reshard on resume.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +30,14 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_moe import _compat
-from lightning_moe.distributed import full_checkpoint, gradients, launcher, sharded_checkpoint
+from lightning_moe.distributed import fsdp, fsdp_checkpoint, full_checkpoint, gradients, launcher, sharded_checkpoint
 from lightning_moe.distributed.expert_parallel import (
     check_expert_parallel_size,
     expert_parameters,
@@ -43,6 +49,7 @@ from lightning_moe.distributed.expert_parallel import (
 )
 from lightning_moe.distributed.launcher import PEER_FAILURE_GRACE_S as PEER_FAILURE_GRACE_S
 from lightning_moe.distributed.launcher import launcher_gone as launcher_gone
+from lightning_moe.distributed.materialise import has_meta_tensors, materialise
 from lightning_moe.distributed.shard_layout import (
     OptimizerLayout,
     ShardLayout,
@@ -52,38 +59,49 @@ from lightning_moe.distributed.shard_layout import (
 from lightning_moe.distributed.sharded_checkpoint import consolidate_checkpoint
 
 CHECKPOINT_FORMATS = ("full", "sharded")
+DATA_PARALLEL = ("ddp", "fsdp")
+_SHARDED_BY_US = "_lightning_moe_fsdp"  # set on a LightningModule once shard_model ran on it
 
 __all__ = ["MoEStrategy", "consolidate_checkpoint"]
 
 
 class MoEStrategy(DDPStrategy):
-    """DDP for dense parameters plus expert parallelism for :class:`~lightning_moe.MoE` layers.
+    """DDP or FSDP2 for dense parameters plus expert parallelism for :class:`~lightning_moe.MoE` layers.
 
     Args:
         expert_parallel_size: ranks that share one copy of the experts (each holds
             ``num_experts / expert_parallel_size`` of every layer). Default: the world size. Must
             divide the world size and every layer's ``num_experts``.
+        data_parallel: ``"ddp"`` (default) replicates dense parameters and all-reduces their gradients;
+            ``"fsdp"`` shards them over every rank with FSDP2 and shards each expert bank over the ranks holding
+            the same experts (``Trainer(strategy="moe_fsdp")``): nothing is whole on any rank, a model built on the
+            meta device (``configure_model`` runs under it) is materialised shard by shard, and the model stays
+            sharded between stages.
         checkpoint: ``"full"`` writes one file with the full logical model, gathered to rank 0 (it
             loads with ``Model.load_from_checkpoint`` in a plain process), and gives the model back
             unsharded after ``fit``/``validate``/...; ``"sharded"`` writes a
             torch.distributed.checkpoint directory (each rank its shards) and leaves the model
-            sharded, for models that do not fit one host.
+            sharded, for models that do not fit one host. Default: ``"full"`` with ``"ddp"``, ``"sharded"``
+            with ``"fsdp"`` (the only format there; ``consolidate_checkpoint`` makes a full file offline).
         **ddp_kwargs: arguments of Lightning's ``DDPStrategy`` (``start_method``, ``timeout``,
-            ``process_group_backend``, ...) and of ``DistributedDataParallel``.
+            ``process_group_backend``, ...) and, with ``"ddp"``, of ``DistributedDataParallel``.
 
     Raises:
-        ValueError: for a bad ``expert_parallel_size`` or ``checkpoint``; before training, when the
-            world size or a layer's ``num_experts`` is not a multiple of ``expert_parallel_size``.
+        ValueError: for a bad ``expert_parallel_size``, ``data_parallel`` or ``checkpoint``; before training, when
+            the world size or a layer's ``num_experts`` is not a multiple of ``expert_parallel_size``.
 
     Example::
 
         trainer = L.Trainer(accelerator="gpu", devices=8, strategy="moe")             # EP = 8
         trainer = L.Trainer(devices=8, num_nodes=2, strategy=MoEStrategy(expert_parallel_size=8))
+        trainer = L.Trainer(devices=8, num_nodes=4, strategy=MoEStrategy(expert_parallel_size=8,
+                                                                         data_parallel="fsdp"))
     """
 
     strategy_name = "moe"
 
-    def __init__(self, expert_parallel_size: int | None = None, checkpoint: str = "full", **ddp_kwargs: Any) -> None:
+    def __init__(self, expert_parallel_size: int | None = None, checkpoint: str | None = None,
+                 data_parallel: str = "ddp", **ddp_kwargs: Any) -> None:
         name = type(self).__name__
         if expert_parallel_size is not None and (
             not isinstance(expert_parallel_size, int) or isinstance(expert_parallel_size, bool)
@@ -91,18 +109,33 @@ class MoEStrategy(DDPStrategy):
         ):
             raise ValueError(f"{name}: expert_parallel_size={expert_parallel_size!r} must be a positive int, or None "
                              "for the world size")
+        if data_parallel not in DATA_PARALLEL:
+            raise ValueError(f"{name}: data_parallel={data_parallel!r} must be one of {DATA_PARALLEL}")
+        if checkpoint is None:
+            checkpoint = "sharded" if data_parallel == "fsdp" else "full"
         if checkpoint not in CHECKPOINT_FORMATS:
             raise ValueError(f"{name}: checkpoint={checkpoint!r} must be one of {CHECKPOINT_FORMATS}")
+        if data_parallel == "fsdp" and checkpoint != "sharded":
+            raise ValueError(f"{name}: data_parallel='fsdp' writes DCP directories only, checkpoint={checkpoint!r} "
+                             "given; use checkpoint='sharded' (the default) and make a full file offline with "
+                             "lightning_moe.strategy.consolidate_checkpoint")
         if checkpoint == "sharded" and ddp_kwargs.get("start_method", "popen") != "popen":
             raise ValueError(f"{name}: checkpoint='sharded' keeps the model sharded after fit, which start_method="
                              f"{ddp_kwargs['start_method']!r} cannot copy back to the main process; use "
                              "checkpoint='full' or the default start_method='popen'")
         super().__init__(**ddp_kwargs)
         self._expert_parallel_size = expert_parallel_size
+        self._data_parallel = data_parallel
         self._checkpoint = checkpoint
         self._device_mesh = None
+        self._world_mesh = None
         self._trainer: pl.Trainer | None = None
         self._released_layouts: dict[int, OptimizerLayout] = {}
+
+    @property
+    def data_parallel(self) -> str:
+        """``"ddp"`` or ``"fsdp"``: how dense parameters are spread over the ranks."""
+        return self._data_parallel
 
     # ------------------------------------------------------------------------------------------
     # Mesh and groups
@@ -140,6 +173,15 @@ class MoEStrategy(DDPStrategy):
         super()._configure_launcher()
         self._launcher = launcher.watched(self._launcher, self.cluster_environment, self.num_processes, self.num_nodes)
 
+    @property
+    def world_mesh(self):
+        """1-D :class:`~torch.distributed.device_mesh.DeviceMesh` of every rank (FSDP's dense parameters)."""
+        if self._world_mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._world_mesh = init_device_mesh(self.root_device.type, (self.world_size,), mesh_dim_names=("world",))
+        return self._world_mesh
+
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
@@ -153,6 +195,27 @@ class MoEStrategy(DDPStrategy):
             self._device_mesh = init_device_mesh(
                 self.root_device.type, (world // ep, ep), mesh_dim_names=("data", "expert")
             )
+            self._world_mesh = None
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        if self._data_parallel != "fsdp" or not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():  # materialised in setup
+            yield
+
+    @contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        # With FSDP, configure_model builds on meta: setup shards, then allocates each rank's shards only.
+        if self._data_parallel != "fsdp":
+            yield
+            return
+        with torch.device("meta"):
+            yield
 
     # ------------------------------------------------------------------------------------------
     # Sharding
@@ -166,6 +229,16 @@ class MoEStrategy(DDPStrategy):
         layers = find_moe_layers(module)
         ep, world = self.expert_parallel_size, self.world_size
         check_expert_parallel_size(layers, ep, world, type(self).__name__)
+        on_meta = has_meta_tensors(module)
+        fsdp_mode = self._data_parallel == "fsdp"
+        first = not getattr(module, _SHARDED_BY_US, False)
+        if fsdp_mode and first and ep > 1 and any(fsdp.is_sharded(layer.experts) or any(
+                fsdp.is_dtensor(p) for p in layer.experts.parameters()) for _, layer in layers):
+            raise ValueError(f"{type(self).__name__}: the experts of an MoE layer are already in your own fully_shard "
+                             f"unit; with expert_parallel_size={ep} leave MoE expert banks out of it (the strategy "
+                             "shards them over the ranks holding the same experts)")
+        if fsdp_mode and first and not on_meta and world > 1:
+            self._broadcast(module)  # FSDP2 does not: ranks start from rank 0's model, as with DDP
         mesh = self.device_mesh
         for path, layer in layers:
             if layer.layer_name is None:
@@ -176,9 +249,15 @@ class MoEStrategy(DDPStrategy):
                     raise ValueError(f"{type(self).__name__}: layer {path!r} is sharded over {shard.ep_size} ranks "
                                      f"by an earlier run, expert_parallel_size={ep} now; use the same size")
                 continue
-            self._broadcast_experts(layer)
+            if not on_meta and not fsdp_mode:
+                self._broadcast(layer.experts)  # seeded meta init needs none: every rank draws its own experts
             if ep > 1:
                 shard_moe_layer(layer, path, mesh.get_local_rank("expert"), ep, self.expert_group)
+        if fsdp_mode:
+            self._setup_fsdp(trainer, on_meta and first)
+            return
+        if on_meta:
+            materialise(module, self._init_seed(), self.root_device)
         ignored = set(_compat.ddp_ignored_names(module)) | set(expert_state_names(module))
         _compat.set_ddp_ignored_names(module, sorted(ignored))
         if ep > 1:
@@ -186,12 +265,33 @@ class MoEStrategy(DDPStrategy):
             self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
         super().setup(trainer)
 
-    def _broadcast_experts(self, layer) -> None:
-        # DDP broadcasts rank 0's dense weights; experts are outside DDP, so do the same for them.
+    def _setup_fsdp(self, trainer: pl.Trainer, materialise_now: bool) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        if not getattr(module, _SHARDED_BY_US, False):
+            self.precision_plugin.convert_module(module)  # before sharding: RouterPrecision keeps routers float32
+            fsdp.shard_model(module, self.world_mesh, self.device_mesh["data"])
+            setattr(module, _SHARDED_BY_US, True)
+            if materialise_now:
+                materialise(module, self._init_seed(), self.root_device)
+        self.model = module
+        self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._reset_optimizers_and_schedulers()  # a new fit makes new optimizers over the same shards
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    def _init_seed(self) -> int:
+        # Every rank materialises with rank 0's seed (seed_everything makes it the same anyway).
+        return int(self.broadcast(torch.initial_seed() % (1 << 62)))
+
+    def _broadcast(self, module) -> None:
+        # DDP broadcasts rank 0's dense weights; experts are outside DDP (and FSDP2 broadcasts nothing).
         if self.world_size == 1:
             return
         with torch.no_grad():
-            for tensor in list(layer.experts.parameters()) + list(layer.experts.buffers()):
+            for tensor in list(module.parameters()) + list(module.buffers()):
                 full = tensor.detach().to(self.root_device)
                 dist.broadcast(full, src=0)
                 tensor.copy_(full)
@@ -199,6 +299,17 @@ class MoEStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         module = self.lightning_module
+        if self._data_parallel == "fsdp":
+            # The model stays sharded (no gather, no move to CPU): a later stage or save uses the shards.
+            self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+            if module is not None:
+                fsdp.reshard(module)
+            assert self.cluster_environment is not None and self.accelerator is not None
+            self.cluster_environment.teardown()
+            self.precision_plugin.teardown()
+            self.accelerator.teardown()
+            self.checkpoint_io.teardown()
+            return
         healthy = self._trainer is None or self._trainer.state.status != TrainerStatus.INTERRUPTED
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
         if module is not None and self._checkpoint == "full" and healthy and dist.is_initialized():
@@ -223,6 +334,8 @@ class MoEStrategy(DDPStrategy):
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
+        if self._data_parallel == "fsdp":
+            return  # FSDP reduce-scatters expert gradients itself (sum over data / world, see shard_model)
         if isinstance(self.model, DistributedDataParallel) and not self.model.require_backward_grad_sync:
             return  # accumulating: DDP does not sync this micro-batch either
         self.reduce_expert_gradients()
@@ -250,8 +363,13 @@ class MoEStrategy(DDPStrategy):
         Installed on the precision plugin when experts are sharded (Lightning's ``gradient_clip_val``
         with ``gradient_clip_algorithm="norm"``). Dense gradients are identical on every rank after DDP;
         expert gradients are summed over the expert group, which holds each expert exactly once
-        (:func:`lightning_moe.distributed.gradients.clip_grad_norm`).
+        (:func:`lightning_moe.distributed.gradients.clip_grad_norm`). With ``data_parallel="fsdp"`` every element
+        of every gradient lives on one rank: one all-reduce of local squared norms
+        (:func:`lightning_moe.distributed.fsdp.clip_grad_norm_`).
         """
+        if self._data_parallel == "fsdp":
+            fsdp.clip_grad_norm_(self.precision_plugin.main_params(optimizer), clip_val, self.root_device)
+            return
         gradients.clip_grad_norm(self.precision_plugin.main_params(optimizer), expert_parameters(self.lightning_module),
                                  clip_val, self.expert_group, self.root_device)
 
@@ -272,6 +390,9 @@ class MoEStrategy(DDPStrategy):
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         module = self.lightning_module
+        if self._data_parallel == "fsdp":
+            fsdp.reshard(module)
+            return fsdp_checkpoint.model_state(module, self._layout(), self.device_mesh)
         state = module.state_dict()
         layout = self._layout()
         if not layout.shards:
@@ -285,6 +406,9 @@ class MoEStrategy(DDPStrategy):
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         optimizer = _unwrap(optimizer)
         layout = self._layout()
+        if self._data_parallel == "fsdp":
+            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
+            return fsdp_checkpoint.optimizer_state(optimizer, olayout, self.device_mesh)
         if self._checkpoint == "sharded":
             olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
             return sharded_checkpoint.sharded_optimizer_state(optimizer, olayout, self._device_mesh)
@@ -317,9 +441,16 @@ class MoEStrategy(DDPStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: _compat.PATH, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
+        module = self.lightning_module
+        if self._data_parallel == "fsdp":
+            if not sharded_checkpoint.is_sharded_checkpoint(path):
+                raise ValueError(f"{type(self).__name__}(data_parallel='fsdp'): {str(path)!r} is not a DCP checkpoint "
+                                 "directory; resume a full file under data_parallel='ddp' (or load its weights in "
+                                 "on_load_checkpoint)")
+            optimizers = [_unwrap(o) for o in self.optimizers]
+            return fsdp_checkpoint.load(path, module, optimizers, self._layout(), self.device_mesh, weights_only)
         if not sharded_checkpoint.is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only=weights_only)
-        module = self.lightning_module
         layout = self._layout()
         olayouts = [OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers]
         return sharded_checkpoint.load_sharded(path, module.state_dict(), olayouts, layout, self._device_mesh,
@@ -327,12 +458,16 @@ class MoEStrategy(DDPStrategy):
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if self._data_parallel == "fsdp":
+            return  # load_checkpoint read the shards in place
         module = self.lightning_module
         state = local_model_state(checkpoint["state_dict"], module.state_dict(), self._layout())
         module.load_state_dict(state, strict=strict)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if self._data_parallel == "fsdp":
+            return  # load_checkpoint read the optimizer states in place
         layout = self._layout()
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             optimizer = _unwrap(optimizer)
@@ -349,6 +484,9 @@ class MoEStrategy(DDPStrategy):
                     name, cls, description=f"Expert-parallel MoE strategy with start_method={start_method!r}",
                     start_method=start_method,
                 )
+        if "moe_fsdp" not in strategy_registry:
+            strategy_registry.register("moe_fsdp", cls, description="Expert parallelism with FSDP2 for everything else",
+                                       data_parallel="fsdp")
 
 
 def _unwrap(optimizer: Optimizer) -> Optimizer:

@@ -1,0 +1,92 @@
+"""MoEStrategy(data_parallel="fsdp") runs for tests/test_fsdp.py: ``python fsdp_train.py <suite> '<json params>'``.
+
+Lightning's popen launcher starts the other ranks (the same command line). Each rank writes ``rank{r}.json``;
+checkpoints (DCP directories) go to ``$LMOE_TEST_OUT``.
+
+Suites:
+    fit: train ``AdamWModel`` (params: devices, ep, steps, accumulate, clip, precision, resume, every, save);
+    init: build ``MetaTransformer`` on meta, materialise (fit with max_steps=0), save;
+    zero_tokens: bf16-mixed, every token routed to expert 0: the rank holding expert 1 gets no row.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import lightning_moe as lmoe
+from lightning_moe.distributed.expert_parallel import expert_parameters
+from lightning_moe.distributed.fsdp import is_dtensor
+
+from fsdp_models import AdamWModel, MetaTransformer
+from script_io import main, out_dir, write_result
+
+torch.set_num_threads(1)
+
+
+def trainer(params: dict, **kwargs) -> L.Trainer:
+    strategy = lmoe.MoEStrategy(expert_parallel_size=params.get("ep"), data_parallel="fsdp")
+    return L.Trainer(accelerator="cpu", devices=params.get("devices", 2), strategy=strategy,
+                     use_distributed_sampler=False, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, reload_dataloaders_every_n_epochs=1, **kwargs)
+
+
+def local_numel(params) -> int:
+    return sum((p.to_local() if is_dtensor(p) else p).numel() for p in params)
+
+
+def fit(params: dict) -> None:
+    steps, acc = params.get("steps", 5), params.get("accumulate", 1)
+    model = AdamWModel(lr=0.01, steps=steps, accumulate=acc)
+    callbacks = []
+    if params.get("every"):
+        callbacks.append(ModelCheckpoint(dirpath=out_dir(), filename="step{step}", every_n_train_steps=params["every"],
+                                         save_top_k=-1))
+    tr = trainer(params, max_steps=steps, accumulate_grad_batches=acc, gradient_clip_val=params.get("clip"),
+                 precision=params.get("precision", "32-true"), callbacks=callbacks,
+                 enable_checkpointing=bool(callbacks))
+    tr.fit(model, ckpt_path=params.get("resume"))
+    tr.save_checkpoint(out_dir() / params.get("save", "final"))
+    experts = expert_parameters(model)
+    write_result({
+        "global_step": tr.global_step,
+        "all_sharded": all(is_dtensor(p) for p in model.parameters()),
+        "expert_local_numel": local_numel(experts),
+        "dense_local_numel": local_numel(p for p in model.parameters() if all(p is not q for q in experts)),
+        "logical_numel": sum(p.numel() for p in model.parameters()),
+    }, rank=tr.global_rank)
+
+
+def init(params: dict) -> None:
+    L.seed_everything(params.get("seed", 5))
+    model = MetaTransformer()
+    tr = trainer(params, max_steps=0)
+    tr.fit(model, train_dataloaders=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.zeros(2, 5, dtype=torch.long)), batch_size=1))
+    tr.save_checkpoint(out_dir() / params.get("save", "init"))
+    write_result({"meta_left": any(p.is_meta for p in model.parameters())}, rank=tr.global_rank)
+
+
+def zero_tokens(params: dict) -> None:
+    model = AdamWModel(lr=0.01)
+    with torch.no_grad():
+        for layer in (model.net.moe1, model.net.moe2):
+            layer.router.gate.weight.zero_()
+            layer.router.gate.weight[0] = 1.0  # logits [s, s/2, 0, 0], s the sum of the (positive) input:
+            layer.router.gate.weight[1] = 0.5  # top-2 = experts 0 and 1, both on EP rank 0
+    bias_inputs = model.net.inp
+    with torch.no_grad():
+        bias_inputs.weight.zero_()
+        bias_inputs.bias.fill_(3.0)  # every token's hidden state is tanh(3) > 0: expert 0 wins everywhere
+    tr = trainer(params, max_steps=2, precision="bf16-mixed")
+    tr.fit(model)
+    counts = [layer.tokens_per_expert.tolist() for layer in (model.net.moe1, model.net.moe2)]
+    write_result({"global_step": tr.global_step, "counts": counts}, rank=tr.global_rank)
+
+
+if __name__ == "__main__":
+    main(lambda: {"fit": fit, "init": init, "zero_tokens": zero_tokens}[sys.argv[1]](json.loads(sys.argv[2])))
