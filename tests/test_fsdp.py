@@ -1,0 +1,165 @@
+"""MoEStrategy(data_parallel="fsdp"): FSDP2 for dense parameters, experts sharded over the ranks holding them.
+
+Multi-process runs start ``tests/scripts/fsdp_train.py`` (Lightning's popen launcher starts the other ranks); the
+final weights come back through the strategy's own DCP checkpoint, consolidated here in one process, and are
+compared with single-process AdamW on the same global batches (``fsdp_models.reference_train``). Aux and z
+losses are off (each rank computes them on its own tokens). AdamW has ``eps=1e-3``: Adam's normalisation would
+amplify rounding in near-zero gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+
+from lightning_moe.distributed.fsdp import find_blocks  # noqa: E402
+from lightning_moe.distributed.materialise import materialise  # noqa: E402
+from lightning_moe.models import Transformer  # noqa: E402
+from lightning_moe.strategy import MoEStrategy, consolidate_checkpoint  # noqa: E402
+
+from fsdp_models import ARCH, AdamWModel, MetaTransformer, reference_train  # noqa: E402
+from helpers import TinyMoE  # noqa: E402
+from launch import run_script  # noqa: E402
+
+TOL = 1e-5
+TRAIN = {"steps": 5, "accumulate": 2, "clip": 0.05}  # 5 AdamW steps of 2 micro-batches, norm clipping
+
+
+def _fit(out, devices: int, ep: int, **params):
+    params = {"devices": devices, "ep": ep, **TRAIN, **params}
+    return run_script("fsdp_train.py", "fit", json.dumps(params), out=out, ranks=devices, timeout=900)
+
+
+def _max_diff(state: dict, reference: dict) -> float:
+    assert set(state) == set(reference), set(state) ^ set(reference)
+    return max((state[k].float() - v.float()).abs().max().item() for k, v in reference.items())
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return reference_train(**TRAIN)
+
+
+# -- single process: the pieces --------------------------------------------------------------------------------
+
+
+def test_blocks_are_found_without_user_code():
+    assert find_blocks(Transformer(ARCH, device="meta")) == ["blocks.0", "blocks.1", "blocks.2"]  # dense one too
+    assert find_blocks(TinyMoE(num_layers=2)) == ["layers.0", "layers.1"]
+    assert find_blocks(AdamWModel()) == ["net.moe1", "net.moe2"]  # no container: each MoE layer is its own block
+
+
+def test_materialise_refuses_parameters_it_cannot_initialise():
+    class Raw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(3, device="meta"))
+
+    with pytest.raises(ValueError, match=r"parameters \['w'\] belong to modules without reset_parameters"):
+        materialise(Raw())
+
+
+def test_bad_arguments_name_the_fix():
+    with pytest.raises(ValueError, match="data_parallel='zero' must be one of"):
+        MoEStrategy(data_parallel="zero")
+    with pytest.raises(ValueError, match="use checkpoint='sharded'"):
+        MoEStrategy(data_parallel="fsdp", checkpoint="full")
+    assert MoEStrategy(data_parallel="fsdp")._checkpoint == "sharded"
+
+
+def test_moe_fsdp_is_registered():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert StrategyRegistry["moe_fsdp"]["init_params"] == {"data_parallel": "fsdp"}
+
+
+# -- 2 ranks -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("ep", [2, 1])
+def test_two_ranks_equal_one_process(tmp_path, expected, ep):
+    run = _fit(tmp_path, devices=2, ep=ep)
+    full = consolidate_checkpoint(tmp_path / "final", tmp_path / "final.ckpt")
+    reference = expected.state_dict()
+    assert _max_diff(full["state_dict"], reference) < TOL
+    assert _max_diff(AdamWModel().state_dict(), reference) > 1e-2  # the comparison can fail: training moved
+    # The optimizer state is the single process's, indexed as its optimizer indexes it.
+    ref_opt = expected.reference_optimizer.state_dict()
+    saved = full["optimizer_states"][0]
+    assert saved["param_groups"][0]["params"] == ref_opt["param_groups"][0]["params"]
+    for idx, st in ref_opt["state"].items():
+        assert (saved["state"][idx]["exp_avg"] - st["exp_avg"]).abs().max() < TOL
+        assert int(saved["state"][idx]["step"]) == 5
+    # Every tensor is a shard: experts split in two (over experts at ep 2, over their width at ep 1), dense too.
+    experts = sum(v.numel() for k, v in reference.items() if ".experts." in k)
+    dense = sum(v.numel() for k, v in reference.items() if ".experts." not in k and "expert_bias" not in k)
+    assert all(r["all_sharded"] for r in run.results)
+    assert [r["expert_local_numel"] for r in run.results] == [experts // 2] * 2
+    assert sum(r["dense_local_numel"] for r in run.results) == dense
+    # The consolidated file loads in a plain process, weights only.
+    model = AdamWModel.load_from_checkpoint(tmp_path / "final.ckpt", weights_only=True)
+    assert _max_diff(model.state_dict(), reference) < TOL
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sizes", [((1, 1), (2, 2)), pytest.param(((4, 2),), marks=pytest.mark.slow)])
+def test_meta_init_is_independent_of_the_world_size(tmp_path, sizes):
+    expected = MetaTransformer()
+    with torch.device("meta"):
+        expected.configure_model()
+    materialise(expected, seed=5)  # one process, the whole model
+    for devices, ep in sizes:
+        out = tmp_path / str(devices)
+        run = run_script("fsdp_train.py", "init", json.dumps({"devices": devices, "ep": ep}), out=out, ranks=devices,
+                         timeout=600)
+        assert not any(r["meta_left"] for r in run.results)
+        full = consolidate_checkpoint(out / "init")["state_dict"]
+        assert _max_diff(full, expected.state_dict()) == 0.0, devices
+
+
+@pytest.mark.distributed
+def test_a_rank_whose_experts_get_no_token_completes_bf16_steps(tmp_path):
+    run = run_script("fsdp_train.py", "zero_tokens", json.dumps({"devices": 2, "ep": 2}), out=tmp_path, ranks=2,
+                     timeout=300)
+    for result in run.results:
+        assert result["global_step"] == 2
+        for counts in result["counts"]:
+            assert counts[0] > 0 and counts[2] == counts[3] == 0  # experts 2 and 3 (EP rank 1) got nothing
+
+
+# -- 4 ranks: ep 2 x data 2, and its checkpoint resumed at 2 ranks and in 1 process ------------------------------
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_w4")
+    return out, _fit(out, devices=4, ep=2, every=3)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_four_ranks_ep2_x_data2_equal_one_process(four_ranks, expected):
+    out, run = four_ranks
+    assert _max_diff(consolidate_checkpoint(out / "final")["state_dict"], expected.state_dict()) < TOL
+    reference = expected.state_dict()
+    experts = sum(v.numel() for k, v in reference.items() if ".experts." in k)
+    assert [r["expert_local_numel"] for r in run.results] == [experts // 4] * 4
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize(("devices", "ep"), [(2, 2), (1, 1)])
+def test_checkpoint_of_four_ranks_resumes_at_other_sizes(four_ranks, expected, tmp_path, devices, ep):
+    out, _ = four_ranks
+    checkpoint = out / "stepstep=3.ckpt"
+    assert (checkpoint / ".metadata").is_file()
+    _fit(tmp_path, devices=devices, ep=ep, resume=str(checkpoint))
+    assert _max_diff(consolidate_checkpoint(tmp_path / "final")["state_dict"], expected.state_dict()) < TOL
