@@ -130,11 +130,12 @@ def test_gradients_outside_moe_blocks_equal(family):
         assert _max_diff(model.get_submodule(block).moe.router.gate.weight.grad, router.weight.grad) < 1e-5
 
 
+@pytest.mark.parametrize("weights", ["copy", "view"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_trained_model_round_trips_through_save_pretrained(family, tmp_path):
+def test_trained_model_round_trips_through_save_pretrained(family, weights, tmp_path):
     model = tiny_model(family)
     original = copy.deepcopy(model).eval()
-    lmoe.from_hf(model)
+    lmoe.from_hf(model, weights=weights)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     ids = _ids()
     for _ in range(2):
@@ -156,14 +157,13 @@ def test_trained_model_round_trips_through_save_pretrained(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
-def test_weights_are_shared_not_copied(family):
+def test_weights_view_shares_hf_storage(family):
     model = tiny_model(family)
     experts = model.model.layers[0].mlp.experts
     gate_up, down = experts.gate_up_proj, experts.down_proj
-    report = lmoe.from_hf(model)
+    report = lmoe.from_hf(model, weights="view")
     bank = model.model.layers[0].mlp.moe.experts
-    same = bank.w2.untyped_storage().data_ptr() == down.untyped_storage().data_ptr()
-    assert same  # down_proj is a view in every layout
+    assert bank.w2.untyped_storage().data_ptr() == down.untyped_storage().data_ptr()  # a view in every layout
     if family == "gpt_oss":  # interleaved gate/up: one de-interleaved copy, HF's tensor released
         assert report.copied_bytes == 2 * (gate_up.numel() + experts.gate_up_proj_bias.numel()) * 4
         assert bank.w1.is_contiguous()
@@ -179,6 +179,22 @@ def test_weights_are_shared_not_copied(family):
     if family != "gpt_oss":
         assert back.copied_bytes == 0 and restored.data_ptr() == gate_up.data_ptr()
     torch.testing.assert_close(restored, gate_up)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_weights_copy_is_contiguous_and_releases_hf_tensors(family):
+    model = tiny_model(family)
+    block = model.model.layers[0].mlp
+    gate_up = block.experts.gate_up_proj.detach().clone()
+    router = getattr(block, "router" if family == "gpt_oss" else "gate").weight
+    report = lmoe.from_hf(model)  # weights="copy"
+    assert report.copied_bytes > 0
+    bank = model.model.layers[0].mlp.moe.experts
+    assert all(getattr(bank, n).is_contiguous() for n in ("w1", "w2", "w3"))
+    assert block.experts.gate_up_proj.is_meta  # the kept HF block holds no copy
+    assert model.model.layers[0].mlp.moe.router.gate.weight is router  # routers keep HF's own Parameter
+    first = gate_up[..., 0::2] if family == "gpt_oss" else gate_up[:, :16].mT
+    torch.testing.assert_close(bank.w1, first)
 
 
 def test_to_hf_assembles_tensors_when_the_views_are_gone():
@@ -262,7 +278,7 @@ def test_report_lists_blocks_params_and_routing():
     assert block.params == sum(p.numel() for p in model.model.layers[1].mlp.parameters())
     assert report.total_params == sum(p.numel() for p in model.parameters())
     text = str(report)
-    assert "DeepseekV3MoE" in text and "0 bytes copied" in text
+    assert "DeepseekV3MoE" in text and "bytes copied (once; nothing is duplicated)" in text
     moe = model.model.layers[1].mlp.moe
     assert moe.use_expert_bias and moe.num_groups == 4 and moe.routed_scaling_factor == 2.5
 
@@ -335,6 +351,8 @@ def test_refuses_bad_arguments():
         lmoe.from_hf(tiny_model("olmoe"), aux_loss="switch")
     with pytest.raises(ValueError, match="aux_loss_coef=0.1 needs aux_loss='lightning_moe'"):
         lmoe.from_hf(tiny_model("olmoe"), aux_loss="hf", aux_loss_coef=0.1)
+    with pytest.raises(ValueError, match="weights='share'"):
+        lmoe.from_hf(tiny_model("olmoe"), weights="share")
 
 
 def test_to_hf_refuses_an_expert_parallel_shard():

@@ -21,8 +21,10 @@ with a ``ValueError`` naming the block type. Each routing feature is a general `
 ``routed_scaling_factor``, ``use_expert_bias`` (HF's ``e_score_correction_bias`` *is* our
 ``expert_bias`` buffer), ``shared_expert_gate``, ``activation="swiglu_oai"``.
 
-Weights are not copied (``layout.py``): our expert tensors are strided views of HF's storage,
-except GPT-OSS's interleaved ``gate_up_proj``, de-interleaved once (HF's tensor is released).
+No weight is kept twice (``layout.py``): routers keep HF's own tensors; expert weights are copied once
+into our contiguous layout and HF's tensors released (``weights="copy"``, the default, faster to
+train), or used as strided views of HF's storage with no copy at all (``weights="view"``, a
+transposing gradient copy each backward); GPT-OSS's interleaved ``gate_up_proj`` is copied either way.
 Routers compute in float32 (as ``MoE`` always does); HF's Mixtral/Qwen/OLMoE/GPT-OSS routers
 compute logits in the model dtype, so in bf16 a near-tie may pick another expert than HF would.
 

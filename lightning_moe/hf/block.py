@@ -108,17 +108,19 @@ def _router_links(spec: BlockSpec) -> list[tuple[str, str, bool]]:
     return links
 
 
-def build_block(block: nn.Module, spec: BlockSpec, returns_router_scores: bool, **moe_kwargs) -> tuple[HFMoEBlock, int]:
+def build_block(block: nn.Module, spec: BlockSpec, returns_router_scores: bool, weights: str = "copy",
+                **moe_kwargs) -> tuple[HFMoEBlock, int]:
     """Build the ``MoE`` on HF's tensors and empty the HF block.
 
     Args:
         block: the HF block (left holding meta placeholders).
         spec: what it computes.
         returns_router_scores: the block returns ``(output, router_scores)``.
+        weights: ``"copy"`` or ``"view"`` (see :mod:`lightning_moe.hf.layout`).
         moe_kwargs: training-only ``MoE`` options (``aux_loss_coef``, ``z_loss_coef``, ...).
 
     Returns:
-        ``(HFMoEBlock, bytes copied)``: bytes are non-zero only for layouts a view cannot express.
+        ``(HFMoEBlock, bytes copied)``.
     """
     e, r = spec.experts, spec.router
     first = getattr(block.experts, "gate_up_proj" if e.has_gate else "up_proj")
@@ -136,7 +138,7 @@ def build_block(block: nn.Module, spec: BlockSpec, returns_router_scores: bool, 
     for entry in entries:
         module, name = _get(block, entry.hf_name)
         hf = getattr(module, name)
-        tensors, nbytes = layout.hf_to_ours(hf, entry)
+        tensors, nbytes = layout.hf_to_ours(hf, entry, weights)
         copied += nbytes
         for path, tensor in zip(entry.ours, tensors, strict=True):
             _take(moe, path, nn.Parameter(tensor, requires_grad=hf.requires_grad))

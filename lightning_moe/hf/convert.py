@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_moe.hf import _compat
 from lightning_moe.hf.block import HFMoEBlock, build_block, restore_block
+from lightning_moe.hf.layout import WEIGHTS
 from lightning_moe.hf.rules import BlockSpec, NotConvertible, looks_like_moe, read_block
 from lightning_moe.nn.moe import MoE
 
@@ -67,7 +68,7 @@ class HFConversionReport:
         kinds = sorted({b.block_type for b in self.blocks})
         lines = [f"{self.direction}: {len(self.blocks)} block(s) {', '.join(kinds)} {verb} MoE; "
                  f"{self.moe_params:,} of {self.total_params:,} parameters in MoE layers; "
-                 f"{self.copied_bytes:,} bytes copied (the rest shared in place)"]
+                 f"{self.copied_bytes:,} bytes copied (once; nothing is duplicated)"]
         if self.blocks:
             lines.append(f"  routing: {self.blocks[0].routing}; experts: {self.blocks[0].experts}")
         if self.aux_loss is not None:
@@ -123,7 +124,7 @@ def _returns_tuple(block: nn.Module, dim: int, device: torch.device, dtype: torc
         block.train(was_training)
 
 
-def verify_block(block: nn.Module, spec: BlockSpec, path: str) -> tuple[float, bool]:
+def verify_block(block: nn.Module, spec: BlockSpec, path: str, weights: str = "copy") -> tuple[float, bool]:
     """Compare a float32 copy of ``block`` (random router weights) with its conversion on random tokens.
 
     Returns:
@@ -146,7 +147,7 @@ def verify_block(block: nn.Module, spec: BlockSpec, path: str) -> tuple[float, b
         expected = probe(x)
         returns_tuple = isinstance(expected, tuple)
         expected = expected[0] if returns_tuple else expected
-        converted, _ = build_block(probe, spec, returns_tuple, aux_loss_coef=0.0, z_loss_coef=0.0)
+        converted, _ = build_block(probe, spec, returns_tuple, weights, aux_loss_coef=0.0, z_loss_coef=0.0)
         got = converted.eval()(x)
         got = got[0] if isinstance(got, tuple) else got
     diff = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
@@ -184,12 +185,13 @@ def _aux_coefficients(config, aux_loss: str, aux_loss_coef, z_loss_coef, top_k: 
 
 def from_hf(model: nn.Module, *, aux_loss: str = "lightning_moe", aux_loss_coef: float | None = None,
             z_loss_coef: float = 0.0, bias_update_rate: float = 0.0, capacity_factor: float | None = None,
-            verify: bool = True, strict: bool = True) -> HFConversionReport:
+            weights: str = "copy", verify: bool = True, strict: bool = True) -> HFConversionReport:
     """Replace every transformers (v5) sparse MoE block of ``model`` by an :class:`~lightning_moe.MoE`, in place.
 
-    The layers compute what the blocks computed (same routing, same weights: HF's tensors themselves,
-    see :mod:`lightning_moe.hf.layout`), so logits are unchanged, and train with
-    ``Trainer(strategy="moe")``. :func:`to_hf` puts the HF blocks back with the trained weights.
+    The layers compute what the blocks computed (same routing, same weights, no copy kept: HF's
+    tensors themselves or one-time copies in our layout that replace them, see ``weights``), so
+    logits are unchanged, and train with ``Trainer(strategy="moe")``. :func:`to_hf` puts the HF
+    blocks back with the trained weights.
 
     Args:
         model: a transformers model (or any module holding one), e.g. ``AutoModelForCausalLM.from_config(...)``.
@@ -208,6 +210,10 @@ def from_hf(model: nn.Module, *, aux_loss: str = "lightning_moe", aux_loss_coef:
         bias_update_rate: > 0 continues aux-loss-free balancing of the score-correction bias
             (DeepSeek-V3 style blocks only: others have nowhere to save the bias).
         capacity_factor: None keeps the blocks dropless (as HF); a float makes the layers drop overflow.
+        weights: ``"copy"`` (default): expert weights are copied once into our contiguous layout and HF's
+            tensors released (faster training); ``"view"``: our expert weights are views of HF's storage,
+            nothing copied (GPT-OSS's interleaved gate/up excepted), each backward pays a transposing
+            gradient copy. Details and measurements in :mod:`lightning_moe.hf.layout`.
         verify: check the first block of each type against a float32 copy of it (random router weights
             and tokens, one block copied transiently); False skips the copy (e.g. for a huge block).
         strict: raise on an MoE-like block that does not follow the convention; False skips it and lists
@@ -224,6 +230,8 @@ def from_hf(model: nn.Module, *, aux_loss: str = "lightning_moe", aux_loss_coef:
     _compat.require_transformers("lightning_moe.from_hf")
     if aux_loss not in AUX_LOSSES:
         raise ValueError(f"from_hf: aux_loss={aux_loss!r} must be one of {AUX_LOSSES}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"from_hf: weights={weights!r} must be one of {WEIGHTS}")
     for arg, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
         if value is not None and aux_loss != "lightning_moe" and value != 0:
             raise ValueError(f"from_hf: {arg}={value} needs aux_loss='lightning_moe' (aux_loss={aux_loss!r})")
@@ -256,11 +264,11 @@ def from_hf(model: nn.Module, *, aux_loss: str = "lightning_moe", aux_loss_coef:
     for path, block, spec in blocks:
         if type(block) not in returns_tuple:
             if verify:
-                returns_tuple[type(block)] = verify_block(block, spec, path)[1]
+                returns_tuple[type(block)] = verify_block(block, spec, path, weights)[1]
             else:
                 first = next(iter(block.experts.parameters()))
                 returns_tuple[type(block)] = _returns_tuple(block, spec.experts.dim, first.device, first.dtype)
-        wrapper, copied = build_block(block, spec, returns_tuple[type(block)], **moe_kwargs)
+        wrapper, copied = build_block(block, spec, returns_tuple[type(block)], weights, **moe_kwargs)
         wrapper.train(block.training)
         wrapper.hf_state.output_router_logits = original_flag
         wrapper.moe.layer_name = path

@@ -6,16 +6,25 @@ gate and up either concatenated (``[gate; up]``) or interleaved (``g0, u0, g1, u
 :class:`~lightning_moe.nn.experts.GroupedExperts` computes ``x @ w1[e]`` with ``w1 [E, D, H]``,
 ``w3 [E, D, H]``, ``w2 [E, H, D]``.
 
-Decision: every one of our tensors is a *view* of HF's storage when each expert's ``[in, out]``
-slice has a unit stride in one of its two dims -- BLAS reads such a slice as a (transposed) operand
-without copying, so the GEMMs run as fast as on contiguous weights. That covers the concatenated
-layouts (Mixtral, Qwen, OLMoE, DeepSeek-V3: ``w1 = gate_up_proj[:, :H].mT``) and the shared
-experts' ``nn.Linear`` weights: no copy, no duplicate, an optimizer step on ours *is* a step on
-HF's tensor. Interleaved gate/up columns (GPT-OSS) have stride 2 in both dims; there we make a
-one-time de-interleaved copy of ``gate_up_proj`` (and its bias) and HF's tensor is released, so
-the model still holds one copy. :func:`ours_to_hf` reverses it: when our tensors are still views of
-one storage in HF's geometry it hands that storage back (zero copy), otherwise (after expert
-parallelism regathered the experts, or a deepcopy) it assembles fresh HF tensors.
+Decision (``from_hf(weights=...)``), measured with ``benchmarks/hf_moe.py``-sized models:
+
+- ``"copy"`` (default): each of our tensors is a one-time contiguous copy in our layout (transposed,
+  de-interleaved), unless HF's tensor already is exactly that (GPT-OSS's ``down_proj``); HF's tensor
+  is then released (the HF block kept for :func:`ours_to_hf` holds meta placeholders), so nothing
+  is duplicated after conversion -- only during it, one tensor at a time. Training runs on
+  contiguous weights.
+- ``"view"``: no copy at all where a view can serve: each expert's ``[in, out]`` slice needs one unit
+  stride, which BLAS reads as a (transposed) operand for free in the forward. That covers the
+  concatenated layouts (Mixtral, Qwen, OLMoE, DeepSeek-V3: ``w1 = gate_up_proj[:, :H].mT``) and the
+  shared experts' ``nn.Linear`` weights, and an optimizer step on ours *is* a step on HF's tensor.
+  The price is in the backward: each expert's weight gradient comes out transposed and is copied into
+  the stacked gradient every step (about +16% step time at 64 experts, +2% at 8, on this CPU).
+  Interleaved gate/up columns (GPT-OSS, stride 2 in both dims) are copied in either mode.
+
+Router weights and biases, the score-correction bias and the shared-expert gate are HF's own tensors
+(the same ``Parameter``/buffer objects) in both modes. :func:`ours_to_hf` reverses the mapping: when
+our tensors are still views of one storage in HF's geometry it hands that storage back (zero copy),
+otherwise (copies, experts regathered by expert parallelism, a deepcopy) it assembles fresh tensors.
 
 Shape legend: E experts, D model width, H expert hidden width, W = 2H.
 """
@@ -97,8 +106,17 @@ def _blas_friendly(t: Tensor) -> bool:
     return t.stride(-1) == 1 or t.stride(-2) == 1
 
 
-def hf_to_ours(hf: Tensor, entry: Entry) -> tuple[list[Tensor], int]:
-    """Our tensors for one HF tensor: views where BLAS can read them, else one contiguous copy each.
+WEIGHTS = ("copy", "view")
+
+
+def hf_to_ours(hf: Tensor, entry: Entry, weights: str = "copy") -> tuple[list[Tensor], int]:
+    """Our tensors for one HF tensor: views or one contiguous copy each (see the module docstring).
+
+    Args:
+        hf: the HF tensor.
+        entry: where it goes.
+        weights: ``"copy"``: views only of what is already contiguous; ``"view"``: views wherever BLAS
+            can read them.
 
     Returns:
         ``(tensors, bytes copied)``.
@@ -106,7 +124,7 @@ def hf_to_ours(hf: Tensor, entry: Entry) -> tuple[list[Tensor], int]:
     views = derive(hf.detach(), entry)
     out, copied = [], 0
     for view in views:
-        if _blas_friendly(view):
+        if view.is_contiguous() or (weights == "view" and _blas_friendly(view)):
             out.append(view)
         else:
             out.append(view.contiguous())
