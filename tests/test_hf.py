@@ -353,6 +353,10 @@ def test_refuses_bad_arguments():
         lmoe.from_hf(tiny_model("olmoe"), aux_loss="hf", aux_loss_coef=0.1)
     with pytest.raises(ValueError, match="weights='share'"):
         lmoe.from_hf(tiny_model("olmoe"), weights="share")
+    holder = torch.nn.ModuleDict({"mlp": tiny_model("olmoe").model.layers[0].mlp})  # no HF model around it
+    with pytest.raises(ValueError, match="aux_loss='hf' needs a model that records router_logits"):
+        lmoe.from_hf(holder, aux_loss="hf")
+    assert len(lmoe.from_hf(holder, verify=False).blocks) == 1  # the default semantics work on any module
 
 
 def test_to_hf_refuses_an_expert_parallel_shard():

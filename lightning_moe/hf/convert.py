@@ -120,6 +120,9 @@ def _returns_tuple(block: nn.Module, dim: int, device: torch.device, dtype: torc
     try:
         with torch.no_grad():
             return isinstance(block.eval()(torch.zeros(1, 1, dim, device=device, dtype=dtype)), tuple)
+    except Exception as error:  # e.g. an experts implementation that cannot run here in this dtype
+        raise ValueError(f"from_hf: {type(block).__name__} does not run on one {dtype} token here ({error}); "
+                         "convert with verify=True (it probes a float32 copy instead)") from error
     finally:
         block.train(was_training)
 
@@ -255,6 +258,10 @@ def from_hf(model: nn.Module, *, aux_loss: str = "lightning_moe", aux_loss_coef:
                       capacity_factor=capacity_factor)
 
     records = _compat.records_router_logits(model)
+    if aux_loss == "hf" and not records:
+        raise ValueError(f"from_hf: aux_loss='hf' needs a model that records router_logits (a transformers MoE "
+                         f"model with output_router_logits); {type(model).__name__} does not: use "
+                         "aux_loss='lightning_moe'")
     if records:
         _compat.install_recording_hooks(model)
     report = HFConversionReport("from_hf", skipped=skipped, aux_loss=aux_loss, aux_loss_coef=aux_coef,
