@@ -7,7 +7,7 @@ fine-tuned on the Python documentation text (``pydoc_data.topics``) with ``strat
 processes (experts split between them), an expert-load heatmap goes to TensorBoard, and at the end
 ``lmoe.to_hf`` puts the HF blocks back so ``save_pretrained`` writes a checkpoint transformers loads::
 
-    python examples/finetune_hf_moe.py                          # tiny Qwen3-MoE, 2 processes, ~2 minutes
+    python examples/finetune_hf_moe.py                          # tiny Qwen3-MoE, 2 processes, ~1.5 minutes
     python examples/finetune_hf_moe.py --family mixtral --aux-loss hf
     python examples/finetune_hf_moe.py --model ./my-moe --devices 1 --max-steps 50
     tensorboard --logdir lightning_logs                          # loss curves and the expert-load heatmap
