@@ -22,10 +22,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe import _compat
-from lightning_moe.nn.experts import GroupedExperts, _activation
-from lightning_moe.nn.moe import MoE
+from lightning_moe.nn.experts import GroupedExperts, activation_function
+from lightning_moe.nn.moe import find_moe_layers
 
 WEIGHTS = ("w1", "w2", "w3")
+SUPPORTED_ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
+
+
+def _check_supported(owner: str, experts: GroupedExperts) -> None:
+    """Refuse banks whose computation the compressed banks do not reproduce (rather than change it silently)."""
+    if experts.activation not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"{owner}: experts with activation={experts.activation!r} are not supported (only "
+                         f"{SUPPORTED_ACTIVATIONS}); leave those layers uncompressed")
 KERNELS = ("dequant", "int8_mm")
 
 
@@ -100,9 +108,7 @@ def _weight_numel(module: nn.Module) -> int:
 
 def _expert_banks(model: nn.Module, include_shared: bool):
     """Yield ``(path, owner MoE, attribute)`` of every expert bank in ``model``."""
-    for name, layer in model.named_modules():
-        if not isinstance(layer, MoE):
-            continue
+    for name, layer in find_moe_layers(model):
         prefix = f"{name}." if name else ""
         yield f"{prefix}experts", layer, "experts"
         if include_shared and layer.shared_experts is not None:
@@ -210,6 +216,7 @@ class QuantizedGroupedExperts(nn.Module):
         if bits != 8:
             raise ValueError(f"{cls.__name__}: bits={bits} must be 8; only int8 weight-only quantization is "
                              "implemented")
+        _check_supported(cls.__name__, experts)
         bias = experts.b1 is not None
         out = cls(experts.num_experts, experts.dim, experts.hidden_dim, experts.activation, bias=bias, kernel=kernel,
                   bias_dtype=experts.w1.dtype, device=experts.w1.device)
@@ -249,7 +256,7 @@ class QuantizedGroupedExperts(nn.Module):
         if self.w3_q is not None:
             h_CH = F.silu(h_CH) * self._linear(x_CD, "w3", e)
         else:
-            h_CH = _activation(self.activation)(h_CH)
+            h_CH = activation_function(self.activation)(h_CH)
         y_CD = self._linear(h_CH, "w2", e)
         if self.b2 is not None:
             y_CD = y_CD + self.b2[e].to(y_CD.dtype)
@@ -287,6 +294,7 @@ def quantize_experts(
         ValueError: for ``bits != 8`` or an unknown ``kernel``.
 
     Example:
+        >>> from lightning_moe import MoE
         >>> model = nn.Sequential(MoE(dim=64, num_experts=4))
         >>> report = quantize_experts(model)
         >>> round(report.ratio, 1)
@@ -377,6 +385,7 @@ class LowRankGroupedExperts(nn.Module):
 
         A weight stays dense when ``rank * (I + O) >= I * O`` (factoring would not save).
         """
+        _check_supported(cls.__name__, experts)
         out = cls(experts.num_experts, experts.dim, experts.hidden_dim, experts.activation)
         out.expert_offset = experts.expert_offset
         for name in WEIGHTS:
@@ -442,7 +451,7 @@ class LowRankGroupedExperts(nn.Module):
             if w3 is not None:
                 h_CH = F.silu(h_CH) * self._matmul(x_CD, w3[e])
             else:
-                h_CH = _activation(self.activation)(h_CH)
+                h_CH = activation_function(self.activation)(h_CH)
             y_CD = self._matmul(h_CH, w2[e])
             outputs.append(y_CD if b2 is None else y_CD + b2[e])
         if not outputs:  # keep every factor in the graph, as GroupedExperts does for an empty step
@@ -474,6 +483,7 @@ def low_rank_experts(
         ValueError: for ``rank < 1`` or ``energy`` outside (0, 1].
 
     Example:
+        >>> from lightning_moe import MoE
         >>> model = nn.Sequential(MoE(dim=16, num_experts=4, hidden_dim=64))
         >>> low_rank_experts(model, rank=4).layers[0].detail
         {'w1': 4, 'w2': 4}

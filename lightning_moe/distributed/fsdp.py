@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_moe.distributed.expert_parallel import find_moe_layers
 from lightning_moe.nn.experts import GroupedExperts
+from lightning_moe.nn.moe import find_moe_layers
 
 # Methods of a LightningModule that run a forward: FSDP unshards the root's parameters around them.
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")

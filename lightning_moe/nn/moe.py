@@ -1,25 +1,24 @@
 """The Mixture-of-Experts layer: router + sort-based dispatch + experts (+ shared experts).
 
-Shape legend: T tokens (flattened leading dims), D model width, E experts, K top_k,
-N = T*K assignments, M assignments kept after capacity, C expert-choice capacity.
+A token's path: :meth:`MoE.forward` -> router (``router.py``) -> ``functional.sort_by_expert`` ->
+``dispatcher.plan`` and ``dispatcher(...)`` (``dispatch.py``; experts in ``experts.py``) -> combine.
+
+Shape legend (the package's, see :mod:`lightning_moe.nn.functional`): T tokens (flattened leading
+dims), D model width, E experts, K top_k, N = T*K assignments, M assignments kept after capacity,
+C expert-choice capacity.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_moe.nn import functional as MF
+from lightning_moe.nn.dispatch import ExpertDispatcher, LocalDispatcher
 from lightning_moe.nn.experts import ACTIVATIONS, GroupedExperts, TemplateExperts
 from lightning_moe.nn.router import ExpertChoiceRouter, TokenChoiceRouter
 
 ROUTERS = ("token_choice", "expert_choice")
-
-# (x_MD grouped by global expert, kept_counts_E, local experts) -> y_MD in the same order. A dispatcher
-# may also offer exchange_counts(kept_counts_E) -> host list, which the layer then calls for its sync.
-ExpertDispatcher = Callable[[Tensor, Tensor, nn.Module], Tensor]
 
 
 class MoE(nn.Module):
@@ -35,9 +34,13 @@ class MoE(nn.Module):
         num_experts: number of routed experts E.
         top_k: experts per token (token choice) or average experts per token (expert choice).
         hidden_dim: expert hidden width; default ``4 * dim``.
-        activation: ``"gelu" | "relu" | "silu" | "swiglu"``.
+        activation: ``"gelu" | "relu" | "silu" | "swiglu" | "swiglu_oai"`` (GPT-OSS's clamped SwiGLU,
+            see ``swiglu_alpha``/``swiglu_limit``).
         router: ``"token_choice" | "expert_choice"``.
-        score_func: ``"softmax" | "sigmoid"``.
+        score_func: ``"softmax" | "sigmoid" | "softmax_topk"``. ``"softmax_topk"`` (GPT-OSS, token
+            choice) chooses by logit and weights the chosen experts by a softmax over their k logits;
+            it equals ``"softmax"`` with ``normalize_weights=True`` for ``top_k > 1``, and gives weight
+            1.0 at ``top_k=1`` (Mixtral-style renormalisation).
         capacity_factor: None for dropless; a float > 0 gives each expert
             ``ceil(capacity_factor * T * top_k / E)`` slots and drops (and counts) what overflows.
             Expert choice uses it for its per-expert capacity (default 1.0).
@@ -52,6 +55,23 @@ class MoE(nn.Module):
         expert: optional template ``nn.Module`` (D -> D), deep-copied and re-initialised per expert.
         bias: give the stacked experts per-expert biases (as ``nn.Linear`` has).
         check_finite: raise ``FloatingPointError`` when router logits are not finite (costs a sync).
+        router_bias: give the router's gate a learned bias (logit offset per expert, GPT-OSS);
+            initialised to zero.
+        use_expert_bias: add the ``expert_bias`` buffer to the scores when choosing experts even
+            with ``bias_update_rate=0``: a fixed, loaded score correction (DeepSeek-V3's
+            ``e_score_correction_bias``). Selection only; weights come from the raw scores.
+        num_groups: > 1 enables group-limited routing (DeepSeek-V3 ``n_group``): the experts form
+            ``num_groups`` contiguous groups, each token picks its ``top_groups`` best groups (a group
+            scores the sum of its two best selection scores) and its ``top_k`` experts inside them.
+        top_groups: groups a token may use (DeepSeek-V3 ``topk_group``); needs ``num_groups > 1``.
+        routed_scaling_factor: multiplies the routed experts' weights after normalization
+            (DeepSeek-V3); shared experts are not scaled.
+        shared_expert_gate: scale the shared experts' output per token by ``sigmoid(x @ g)``, a
+            learned ``Linear(dim, 1, bias=False)`` (Qwen2-MoE); needs ``num_shared_experts > 0``.
+        shared_expert_hidden_dim: hidden width of the fused shared-experts MLP; default
+            ``num_shared_experts * hidden_dim``.
+        swiglu_alpha: ``activation="swiglu_oai"``: sigmoid slope (default 1.702).
+        swiglu_limit: ``activation="swiglu_oai"``: clamp of the gate and up projections (default 7.0).
         device: where to create parameters (``"meta"`` builds without memory).
         dtype: parameter dtype; the router still computes in float32.
 
@@ -60,6 +80,13 @@ class MoE(nn.Module):
         tokens_per_expert: ``LongTensor[E]`` of the last forward, global expert ids, before drops.
         dropped_tokens: token->expert assignments dropped by capacity in the last forward (expert
             choice: routed tokens that no expert took).
+        routed_tokens: tokens routed in the last forward (padding excluded).
+        assignments: the unit ``dropped_tokens`` counts, for the last forward (see :attr:`assignments`).
+        forward_count: forwards run so far (a plain int): a caller that remembers it knows whether
+            the layer ran since, without holding on to the last forward's tensors.
+        dispatcher: the :class:`~lightning_moe.nn.dispatch.ExpertDispatcher` that runs the experts
+            (:class:`~lightning_moe.nn.dispatch.LocalDispatcher` unless a strategy installed another
+            through :attr:`expert_dispatcher`).
 
     Example:
         >>> layer = MoE(dim=16, num_experts=4, top_k=2)
@@ -88,6 +115,15 @@ class MoE(nn.Module):
         expert: nn.Module | None = None,
         bias: bool = False,
         check_finite: bool = False,
+        router_bias: bool = False,
+        use_expert_bias: bool = False,
+        num_groups: int = 1,
+        top_groups: int = 1,
+        routed_scaling_factor: float = 1.0,
+        shared_expert_gate: bool = False,
+        shared_expert_hidden_dim: int | None = None,
+        swiglu_alpha: float | None = None,
+        swiglu_limit: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -95,6 +131,9 @@ class MoE(nn.Module):
         hidden_dim = 4 * dim if hidden_dim is None and isinstance(dim, int) else hidden_dim
         self._validate(dim, num_experts, top_k, hidden_dim, activation, router, score_func, capacity_factor,
                        num_shared_experts, aux_loss_coef, z_loss_coef, bias_update_rate, router_jitter, expert)
+        self._validate_published_options(num_experts, top_k, activation, router, score_func, num_shared_experts,
+                                         use_expert_bias, num_groups, top_groups, routed_scaling_factor,
+                                         shared_expert_gate, shared_expert_hidden_dim, swiglu_alpha, swiglu_limit)
         self.dim = dim
         self.num_experts = num_experts
         self.top_k = top_k
@@ -110,28 +149,42 @@ class MoE(nn.Module):
         self.router_jitter = router_jitter
         self.normalize_weights = normalize_weights
         self.check_finite = check_finite
+        self.router_bias = router_bias
+        self.use_expert_bias = use_expert_bias
+        self.num_groups = num_groups
+        self.top_groups = top_groups
+        self.routed_scaling_factor = routed_scaling_factor
+        self.shared_expert_gate = shared_expert_gate
+        self.shared_expert_hidden_dim = (shared_expert_hidden_dim or hidden_dim * num_shared_experts
+                                         if num_shared_experts else None)
         self.layer_name: str | None = None  # set by MoELightningModule to the module path
         factory = {"device": device, "dtype": dtype}
+        swiglu = {"swiglu_alpha": swiglu_alpha, "swiglu_limit": swiglu_limit}
 
         if router == "token_choice":
             self.router: nn.Module = TokenChoiceRouter(
-                dim, num_experts, top_k, score_func, normalize_weights, router_jitter, bias_update_rate, **factory
+                dim, num_experts, top_k, score_func, normalize_weights, router_jitter, bias_update_rate,
+                bias=router_bias, use_expert_bias=use_expert_bias, num_groups=num_groups, top_groups=top_groups,
+                routed_scaling_factor=routed_scaling_factor, **factory
             )
         else:
             self.router = ExpertChoiceRouter(
-                dim, num_experts, top_k, capacity_factor or 1.0, score_func, router_jitter, **factory
+                dim, num_experts, top_k, capacity_factor or 1.0, score_func, router_jitter, bias=router_bias, **factory
             )
         if expert is None:
-            self.experts: nn.Module = GroupedExperts(num_experts, dim, hidden_dim, activation, bias=bias, **factory)
+            self.experts: nn.Module = GroupedExperts(num_experts, dim, hidden_dim, activation, bias=bias, **swiglu,
+                                                     **factory)
         else:
             self.experts = TemplateExperts(expert, num_experts)
         self.shared_experts = (
-            GroupedExperts(1, dim, hidden_dim * num_shared_experts, activation, bias=bias, **factory)
+            GroupedExperts(1, dim, self.shared_expert_hidden_dim, activation, bias=bias, **swiglu, **factory)
             if num_shared_experts
             else None
         )
-        # Installed from outside by the expert-parallel strategy; the layer knows no process group.
-        self.expert_dispatcher: ExpertDispatcher | None = None
+        self.shared_gate = nn.Linear(dim, 1, bias=False, **factory) if shared_expert_gate else None
+        # Replaced from outside (expert_dispatcher) by the expert-parallel strategy; the layer knows no process group.
+        self.dispatcher: ExpertDispatcher = LocalDispatcher()
+        self.forward_count = 0
 
         stat_device = device
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long, device=stat_device),
@@ -176,17 +229,95 @@ class MoE(nn.Module):
         if expert is not None and not isinstance(expert, nn.Module):
             raise ValueError(f"{name}: expert={type(expert).__name__} must be an nn.Module mapping dim -> dim")
 
+    def _validate_published_options(self, num_experts, top_k, activation, router, score_func, num_shared_experts,
+                                    use_expert_bias, num_groups, top_groups, routed_scaling_factor,
+                                    shared_expert_gate, shared_expert_hidden_dim, swiglu_alpha, swiglu_limit) -> None:
+        """The options that published MoE models need (GPT-OSS, DeepSeek-V3, Qwen2-MoE)."""
+        name = type(self).__name__
+        token_choice_only = {"score_func='softmax_topk'": score_func == "softmax_topk",
+                             f"num_groups={num_groups}": num_groups != 1,
+                             f"routed_scaling_factor={routed_scaling_factor}": routed_scaling_factor != 1.0,
+                             "use_expert_bias=True": bool(use_expert_bias)}
+        for arg, used in token_choice_only.items():
+            if used and router != "token_choice":
+                raise ValueError(f"{name}: {arg} needs router='token_choice'; drop it for expert choice")
+        for arg, value in (("num_groups", num_groups), ("top_groups", top_groups)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: {arg}={value!r} must be a positive int (1 disables group-limited routing)")
+        if num_experts % num_groups:
+            raise ValueError(f"{name}: num_groups={num_groups} must divide num_experts={num_experts}")
+        if top_groups > num_groups:
+            raise ValueError(f"{name}: top_groups={top_groups} must be <= num_groups={num_groups}")
+        if num_groups > 1 and top_k > top_groups * (num_experts // num_groups):
+            raise ValueError(f"{name}: top_k={top_k} exceeds the {top_groups * (num_experts // num_groups)} experts of "
+                             f"top_groups={top_groups} groups; raise top_groups or lower top_k")
+        if not (isinstance(routed_scaling_factor, (int, float)) and routed_scaling_factor > 0):
+            raise ValueError(f"{name}: routed_scaling_factor={routed_scaling_factor!r} must be a number > 0 "
+                             "(1.0 leaves the weights as they are)")
+        if shared_expert_gate and not num_shared_experts:
+            raise ValueError(f"{name}: shared_expert_gate=True needs num_shared_experts > 0")
+        if shared_expert_hidden_dim is not None:
+            if not num_shared_experts:
+                raise ValueError(f"{name}: shared_expert_hidden_dim={shared_expert_hidden_dim} needs "
+                                 "num_shared_experts > 0")
+            if not isinstance(shared_expert_hidden_dim, int) or shared_expert_hidden_dim <= 0:
+                raise ValueError(f"{name}: shared_expert_hidden_dim={shared_expert_hidden_dim!r} must be a positive "
+                                 "int")
+        for arg, value in (("swiglu_alpha", swiglu_alpha), ("swiglu_limit", swiglu_limit)):
+            if value is not None and activation != "swiglu_oai":
+                raise ValueError(f"{name}: {arg}={value!r} applies to activation='swiglu_oai' only "
+                                 f"(activation={activation!r}); drop it or switch the activation")
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}: {arg}={value!r} must be > 0")
+
     def extra_repr(self) -> str:
         drop = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
+        options = [f"{arg}={value!r}" for arg, value, default in (
+            ("router_bias", self.router_bias, False), ("use_expert_bias", self.use_expert_bias, False),
+            ("num_groups", self.num_groups, 1), ("top_groups", self.top_groups, 1),
+            ("routed_scaling_factor", self.routed_scaling_factor, 1.0),
+            ("shared_expert_gate", self.shared_expert_gate, False)) if value != default]
         return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, router={self.router_type!r}, "
-                f"score_func={self.score_func!r}, {drop}, num_shared_experts={self.num_shared_experts}")
+                f"score_func={self.score_func!r}, {drop}, num_shared_experts={self.num_shared_experts}"
+                + "".join(f", {o}" for o in options))
 
     def __getstate__(self) -> dict:
         # The last forward's losses are non-leaf tensors with a graph: copy.deepcopy and pickle
         # refuse them, so a copy starts as a fresh layer does (losses read 0 until its forward).
         state = self.__dict__.copy()
-        state.update(_aux_loss=None, _load_balancing_loss=None, _z_loss=None)
+        state.update(_aux_loss=None, _load_balancing_loss=None, _z_loss=None, forward_count=0)
         return state
+
+    @property
+    def expert_dispatcher(self) -> ExpertDispatcher | None:
+        """The dispatcher a strategy installed, or None when the layer runs every expert itself.
+
+        Setting None restores the :class:`~lightning_moe.nn.dispatch.LocalDispatcher`.
+        """
+        return None if isinstance(self.dispatcher, LocalDispatcher) else self.dispatcher
+
+    @expert_dispatcher.setter
+    def expert_dispatcher(self, dispatcher: ExpertDispatcher | None) -> None:
+        if dispatcher is not None and not isinstance(dispatcher, ExpertDispatcher):
+            raise ValueError(f"{self.display_name}: expert_dispatcher={dispatcher!r} must implement the "
+                             "ExpertDispatcher protocol (plan(kept_counts_E) and __call__(x_MD, plan, experts)), "
+                             "or be None for local experts")
+        self.dispatcher = LocalDispatcher() if dispatcher is None else dispatcher
+
+    @property
+    def assignments(self) -> Tensor:
+        """Assignments routed in the last forward, the unit of ``dropped_tokens`` (0-dim LongTensor, no sync).
+
+        Token choice: routed tokens x ``top_k`` (token->expert assignments). Expert choice: routed
+        tokens (``dropped_tokens`` counts the tokens no expert took).
+        """
+        per_token = self.top_k if self.router_type == "token_choice" else 1
+        return self.routed_tokens * per_token
+
+    @property
+    def display_name(self) -> str:
+        """``layer_name`` (the module path, set by MoELightningModule), or a short description."""
+        return self.layer_name or f"MoE(dim={self.dim}, num_experts={self.num_experts})"
 
     @property
     def aux_loss(self) -> Tensor:
@@ -208,9 +339,6 @@ class MoE(nn.Module):
     def _zero(self) -> Tensor:
         return torch.zeros((), device=self.tokens_per_expert.device)
 
-    def _name(self) -> str:
-        return self.layer_name or f"MoE(dim={self.dim}, num_experts={self.num_experts})"
-
     @torch.no_grad()
     def update_expert_bias(self, load: Tensor | None = None) -> None:
         """Aux-loss-free balancing step: ``expert_bias += bias_update_rate * sign(mean(load) - load)``.
@@ -221,7 +349,7 @@ class MoE(nn.Module):
                 optimizer step summed over data-parallel ranks.
         """
         if not isinstance(self.router, TokenChoiceRouter):
-            raise ValueError(f"{self._name()}: update_expert_bias needs router='token_choice'")
+            raise ValueError(f"{self.display_name}: update_expert_bias needs router='token_choice'")
         self.router.update_expert_bias(self.tokens_per_expert if load is None else load)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
@@ -236,15 +364,15 @@ class MoE(nn.Module):
             ``[..., dim]``, the dtype of the expert computation.
         """
         if not torch.is_floating_point(x):
-            raise ValueError(f"{self._name()}: input dtype {x.dtype} must be floating point; cast with x.float()")
+            raise ValueError(f"{self.display_name}: input dtype {x.dtype} must be floating point; cast with x.float()")
         if x.ndim == 0 or x.shape[-1] != self.dim:
             width = x.shape[-1] if x.ndim else "a 0-dim tensor"
-            raise ValueError(f"{self._name()}: input last dim {width} must equal dim={self.dim}")
+            raise ValueError(f"{self.display_name}: input last dim {width} must equal dim={self.dim}")
         x_TD = x.reshape(-1, self.dim)
         valid_T = None
         if padding_mask is not None:
             if padding_mask.shape != x.shape[:-1]:
-                raise ValueError(f"{self._name()}: padding_mask shape {tuple(padding_mask.shape)} must equal "
+                raise ValueError(f"{self.display_name}: padding_mask shape {tuple(padding_mask.shape)} must equal "
                                  f"x.shape[:-1]={tuple(x.shape[:-1])}")
             valid_T = ~padding_mask.reshape(-1).to(torch.bool)
 
@@ -253,8 +381,16 @@ class MoE(nn.Module):
         else:
             out_TD = self._expert_choice(x_TD, valid_T)
         if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD, [x_TD.shape[0]])
+            out_TD = out_TD + self._shared(x_TD)
+        self.forward_count += 1
         return out_TD.reshape(x.shape)
+
+    def _shared(self, x_TD: Tensor) -> Tensor:
+        """Shared experts on every token, scaled by their sigmoid gate when ``shared_expert_gate``."""
+        y_TD = self.shared_experts(x_TD, [x_TD.shape[0]])
+        if self.shared_gate is not None:
+            y_TD = torch.sigmoid(self.shared_gate(x_TD)) * y_TD
+        return y_TD
 
     def _token_choice(self, x_TD: Tensor, valid_T: Tensor | None) -> Tensor:
         num_tokens = x_TD.shape[0]
@@ -266,16 +402,15 @@ class MoE(nn.Module):
             capacity = MF.expert_capacity(self.capacity_factor, num_routed, self.top_k, self.num_experts)
         # 1. Sort the T*K assignments (k-major) by expert; capacity drops overflow, deterministically.
         order_N, _, counts_E, kept_counts_E = MF.sort_by_expert(routing.top_ids_TK, self.num_experts, capacity)
-        # NOTE: the one host sync of the layer: per-expert counts size the expert GEMMs. An
-        # expert-parallel dispatcher folds its count exchange into the same sync.
-        exchange = getattr(self.expert_dispatcher, "exchange_counts", None)
-        kept_counts = exchange(kept_counts_E) if exchange is not None else kept_counts_E.tolist()
-        order_M = order_N[: sum(kept_counts)]
-        # 2. Gather tokens into one contiguous buffer grouped by expert (flat index n = k*T + t).
+        # 2. Plan the dispatch. NOTE: the one host sync of the layer: per-expert counts size the expert
+        # GEMMs (an expert-parallel dispatcher exchanges counts with its peers in the same sync).
+        plan = self.dispatcher.plan(kept_counts_E)
+        order_M = order_N[: plan.num_sent]
+        # 3. Gather tokens into one contiguous buffer grouped by expert (flat index n = k*T + t); run the experts.
         token_M = order_M % num_tokens if num_tokens else order_M
         weights_M = routing.top_weights_TK.t().reshape(-1)[order_M]
-        y_MD = self._run_experts(x_TD[token_M], kept_counts_E, kept_counts)
-        # 3. Weighted sum back per token; dropped assignments contribute nothing.
+        y_MD = self.dispatcher(x_TD[token_M], plan, self.experts)
+        # 4. Weighted sum back per token; dropped assignments contribute nothing.
         out_TD = self._combine(y_MD, token_M, weights_M, num_tokens)
 
         probs_TE = routing.scores_TE
@@ -294,8 +429,11 @@ class MoE(nn.Module):
         weights_M = routing.weights_EC.reshape(-1)
         capacity = routing.token_ids_EC.shape[1]
         counts_E = routing.chosen_EC.sum(dim=1)
+        # Every expert fills its capacity (known on the host): a local plan needs no sync; an
+        # expert-parallel one still exchanges counts (ranks' capacities differ with their token counts).
         kept_counts_E = torch.full_like(counts_E, capacity)
-        y_MD = self._run_experts(x_TD[token_M], kept_counts_E, [capacity] * self.num_experts)
+        plan = self.dispatcher.plan(kept_counts_E, host_counts=[capacity] * self.num_experts)
+        y_MD = self.dispatcher(x_TD[token_M], plan, self.experts)
         out_TD = self._combine(y_MD, token_M, weights_M, num_tokens)
 
         with torch.no_grad():
@@ -306,11 +444,6 @@ class MoE(nn.Module):
         self._set_losses(None, MF.z_loss(routing.logits_TE, valid_T))
         self._record(counts_E, untaken_T.sum(), num_routed, routing.scores_TE, valid_T)
         return out_TD
-
-    def _run_experts(self, x_MD: Tensor, kept_counts_E: Tensor, kept_counts: Sequence[int]) -> Tensor:
-        if self.expert_dispatcher is not None:
-            return self.expert_dispatcher(x_MD, kept_counts_E, self.experts)
-        return self.experts(x_MD, kept_counts)
 
     @staticmethod
     def _combine(y_MD: Tensor, token_M: Tensor, weights_M: Tensor, num_tokens: int) -> Tensor:
@@ -323,7 +456,7 @@ class MoE(nn.Module):
     def _check_finite(self, logits_TE: Tensor) -> None:
         if self.check_finite and not bool(torch.isfinite(logits_TE).all()):
             raise FloatingPointError(
-                f"{self._name()}: router logits are not finite (NaN/inf in the input or router weights); "
+                f"{self.display_name}: router logits are not finite (NaN/inf in the input or router weights); "
                 "check the layer input, lower the learning rate, or use NonFiniteGuard"
             )
 
@@ -340,3 +473,19 @@ class MoE(nn.Module):
         self.dropped_tokens.copy_(dropped)
         self.routed_tokens.fill_(num_routed) if isinstance(num_routed, int) else self.routed_tokens.copy_(num_routed)
         self.router_entropy.copy_(MF.routing_entropy(scores_TE, valid_T))
+
+
+def find_moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
+    """Every :class:`MoE` layer under ``module`` (itself included) with its module path.
+
+    The one way the package finds layers (strategy, callbacks, metrics, checkpoints, planning).
+
+    Returns:
+        ``[(path, layer), ...]`` in ``named_modules()`` order (``""`` is ``module`` itself).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), MoE(dim=8, num_experts=2))
+        >>> [(path, type(layer).__name__) for path, layer in find_moe_layers(model)]
+        [('1', 'MoE')]
+    """
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
