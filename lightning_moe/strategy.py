@@ -20,16 +20,14 @@ holding the same experts; models built on the meta device are materialised shard
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
+from collections.abc import Generator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -37,7 +35,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_moe import _compat
-from lightning_moe.distributed import fsdp, fsdp_checkpoint, full_checkpoint, gradients, launcher, sharded_checkpoint
+from lightning_moe.distributed import fsdp, gradients, launcher
 from lightning_moe.distributed.expert_parallel import (
     check_expert_parallel_size,
     expert_parameters,
@@ -49,13 +47,9 @@ from lightning_moe.distributed.expert_parallel import (
 from lightning_moe.distributed.launcher import PEER_FAILURE_GRACE_S as PEER_FAILURE_GRACE_S
 from lightning_moe.distributed.launcher import launcher_gone as launcher_gone
 from lightning_moe.distributed.materialise import has_meta_tensors, materialise
-from lightning_moe.distributed.shard_layout import (
-    OptimizerLayout,
-    ShardLayout,
-    local_model_state,
-    local_optimizer_state,
-)
+from lightning_moe.distributed.shard_layout import OptimizerLayout, ShardLayout
 from lightning_moe.distributed.sharded_checkpoint import consolidate_checkpoint
+from lightning_moe.distributed.strategy_checkpoints import StrategyCheckpoints, unwrap_optimizer
 from lightning_moe.nn.moe import find_moe_layers
 
 CHECKPOINT_FORMATS = ("full", "sharded")
@@ -65,7 +59,7 @@ _SHARDED_BY_US = "_lightning_moe_fsdp"  # set on a LightningModule once shard_mo
 __all__ = ["MoEStrategy", "consolidate_checkpoint"]
 
 
-class MoEStrategy(DDPStrategy):
+class MoEStrategy(StrategyCheckpoints):
     """DDP or FSDP2 for dense parameters plus expert parallelism for :class:`~lightning_moe.MoE` layers.
 
     Args:
@@ -316,9 +310,8 @@ class MoEStrategy(DDPStrategy):
             layout = self._layout()
             if layout.shards:
                 # Optimizers still hold per-rank expert states: remember how, for a save after fit.
-                self._released_layouts = {
-                    id(_unwrap(o)): OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers
-                }
+                optimizers = [unwrap_optimizer(o) for o in self.optimizers]
+                self._released_layouts = {id(o): OptimizerLayout(o, module, layout) for o in optimizers}
             # Give the caller (and the spawn launcher, which copies rank 0's weights) the whole model.
             for _, layer in find_moe_layers(module):
                 unshard_moe_layer(layer)
@@ -379,102 +372,6 @@ class MoEStrategy(DDPStrategy):
         module = self.lightning_module
         gradients.agree_on_nonfinite(params, self.root_device, module.parameters() if module is not None else ())
 
-    # ------------------------------------------------------------------------------------------
-    # Checkpoints
-
-    def _gather_args(self) -> tuple[dist.ProcessGroup, bool, bool]:
-        # The expert group holding global rank 0 gathers to it; other groups keep their shards.
-        group = self.expert_group
-        return group, self.global_rank < self.expert_parallel_size, self.global_rank == 0
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        module = self.lightning_module
-        if self._data_parallel == "fsdp":
-            fsdp.reshard(module)
-            return fsdp_checkpoint.model_state(module, self._layout(), self.device_mesh)
-        state = module.state_dict()
-        layout = self._layout()
-        if not layout.shards:
-            return state
-        if self._checkpoint == "sharded":
-            return sharded_checkpoint.sharded_model_state(state, layout, self.device_mesh)
-        group, member, is_dst = self._gather_args()
-        return full_checkpoint.gather_model_state(state, layout, group, is_dst, self.root_device) if member else state
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        optimizer = _unwrap(optimizer)
-        layout = self._layout()
-        if self._data_parallel == "fsdp":
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
-            return fsdp_checkpoint.optimizer_state(optimizer, olayout, self.device_mesh)
-        if self._checkpoint == "sharded":
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
-            return sharded_checkpoint.sharded_optimizer_state(optimizer, olayout, self._device_mesh)
-        if layout.shards:
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
-        elif id(optimizer) in self._released_layouts:  # saved after fit: the model is whole again, the optimizer not
-            olayout = self._released_layouts[id(optimizer)]
-        else:
-            return optimizer.state_dict()
-        group, member, is_dst = self._gather_args()
-        if not member:
-            return optimizer.state_dict()
-        return full_checkpoint.gather_optimizer_state(optimizer, olayout, group, is_dst, self.root_device)
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _compat.PATH,
-                        storage_options: Any | None = None) -> None:
-        if self._checkpoint == "full":
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__}(checkpoint='sharded') writes with torch.distributed.checkpoint "
-                            "and takes no storage_options")
-        path = Path(self.broadcast(str(filepath)))
-        if self.is_global_zero and path.is_file():
-            path.unlink()
-        self.barrier()
-        sharded_checkpoint.save_sharded(checkpoint, path, self.is_global_zero)
-        self.barrier()
-
-    @override
-    def load_checkpoint(self, checkpoint_path: _compat.PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(self.broadcast(str(checkpoint_path)))
-        module = self.lightning_module
-        if self._data_parallel == "fsdp":
-            if not sharded_checkpoint.is_sharded_checkpoint(path):
-                raise ValueError(f"{type(self).__name__}(data_parallel='fsdp'): {str(path)!r} is not a DCP checkpoint "
-                                 "directory; resume a full file under data_parallel='ddp' (or load its weights in "
-                                 "on_load_checkpoint)")
-            optimizers = [_unwrap(o) for o in self.optimizers]
-            return fsdp_checkpoint.load(path, module, optimizers, self._layout(), self.device_mesh, weights_only)
-        if not sharded_checkpoint.is_sharded_checkpoint(path):
-            return super().load_checkpoint(path, weights_only=weights_only)
-        layout = self._layout()
-        olayouts = [OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers]
-        return sharded_checkpoint.load_sharded(path, module.state_dict(), olayouts, layout, self._device_mesh,
-                                               weights_only)
-
-    @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if self._data_parallel == "fsdp":
-            return  # load_checkpoint read the shards in place
-        module = self.lightning_module
-        state = local_model_state(checkpoint["state_dict"], module.state_dict(), self._layout())
-        module.load_state_dict(state, strict=strict)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        if self._data_parallel == "fsdp":
-            return  # load_checkpoint read the optimizer states in place
-        layout = self._layout()
-        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            optimizer = _unwrap(optimizer)
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
-            optimizer.load_state_dict(local_optimizer_state(saved, olayout))
-            _compat.optimizer_to_device(optimizer, self.root_device)
-
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -487,10 +384,6 @@ class MoEStrategy(DDPStrategy):
         if "moe_fsdp" not in strategy_registry:
             strategy_registry.register("moe_fsdp", cls, description="Expert parallelism with FSDP2 for everything else",
                                        data_parallel="fsdp")
-
-
-def _unwrap(optimizer: Optimizer) -> Optimizer:
-    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
 MoEStrategy.register_strategies(StrategyRegistry)

@@ -24,6 +24,7 @@ from lightning_moe.distributed.materialise import materialise  # noqa: E402
 from lightning_moe.models import Transformer  # noqa: E402
 from lightning_moe.strategy import MoEStrategy, consolidate_checkpoint  # noqa: E402
 
+from ep_models import make_data  # noqa: E402
 from fsdp_models import ARCH, AdamWModel, MetaTransformer, reference_train  # noqa: E402
 from helpers import TinyMoE  # noqa: E402
 from launch import run_script  # noqa: E402
@@ -120,9 +121,36 @@ def test_meta_init_is_independent_of_the_world_size(tmp_path, sizes):
         out = tmp_path / str(devices)
         run = run_script("fsdp_train.py", "init", json.dumps({"devices": devices, "ep": ep}), out=out, ranks=devices,
                          timeout=600)
-        assert not any(r["meta_left"] for r in run.results)
+        assert not any(r["meta_left"] for r in run.results) and not any(r["broadcasts"] for r in run.results)
         full = consolidate_checkpoint(out / "init")["state_dict"]
         assert _max_diff(full, expected.state_dict()) == 0.0, devices
+
+
+@pytest.mark.distributed
+def test_ddp_mode_materialises_meta_models_seeded_without_broadcasting_experts(tmp_path):
+    expected = MetaTransformer(meta=True)
+    expected.configure_model()
+    materialise(expected, seed=5)
+    params = {"devices": 2, "ep": 2, "data_parallel": "ddp"}
+    run = run_script("fsdp_train.py", "init", json.dumps(params), out=tmp_path, ranks=2, timeout=600)
+    assert [r["broadcasts"] for r in run.results] == [0, 0]  # before: every expert bank, whole, from rank 0
+    full = torch.load(tmp_path / "init", weights_only=True)["state_dict"]  # gathered to rank 0
+    assert _max_diff(full, expected.state_dict()) == 0.0
+
+
+@pytest.mark.distributed
+def test_model_stays_sharded_through_fit_validate_test_predict(tmp_path):
+    run = run_script("fsdp_train.py", "stages", json.dumps({"devices": 2, "ep": 2}), out=tmp_path, ranks=2,
+                     timeout=900)
+    model = reference_train(steps=5).eval()
+    x, y = make_data(2, seed=3)  # the 2 global batches eval_loader slices
+    with torch.no_grad():
+        loss = nn.functional.mse_loss(model(x), y).item()
+        per_rank = [torch.cat([model(x[r * 4:(r + 1) * 4]), model(x[8 + r * 4:8 + (r + 1) * 4])]) for r in (0, 1)]
+    for rank, result in enumerate(run.results):
+        assert result["after_fit"] and result["still_sharded"]
+        assert abs(result["val_loss"] - loss) < TOL and abs(result["test_loss"] - loss) < TOL
+        assert (torch.tensor(result["predictions"]) - per_rank[rank].flatten()).abs().max() < TOL
 
 
 @pytest.mark.distributed
@@ -163,3 +191,34 @@ def test_checkpoint_of_four_ranks_resumes_at_other_sizes(four_ranks, expected, t
     assert (checkpoint / ".metadata").is_file()
     _fit(tmp_path, devices=devices, ep=ep, resume=str(checkpoint))
     assert _max_diff(consolidate_checkpoint(tmp_path / "final")["state_dict"], expected.state_dict()) < TOL
+
+
+# -- full files from DCP directories, one tensor at a time; full files mapped, not read --------------------------
+
+
+def test_consolidate_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_moe.distributed.sharded_checkpoint import save_sharded
+
+    model = TinyMoE(num_layers=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    save_sharded({"state_dict": dict(state), "optimizer_states": [], "epoch": 1}, tmp_path / "ckpt", True)
+    calls: list[int] = []
+    load = dcp.load
+    monkeypatch.setattr(dcp, "load", lambda sd, **kwargs: (calls.append(len(sd)), load(sd, **kwargs))[1])
+    full = consolidate_checkpoint(tmp_path / "ckpt", tmp_path / "full.ckpt")
+    assert calls == [1] * len(state)  # one tensor per read, straight into the mapped file
+    assert _max_diff(full["state_dict"], state) == 0.0
+    loaded = torch.load(tmp_path / "full.ckpt", weights_only=True)  # a plain file, read in a plain process
+    assert _max_diff(loaded["state_dict"], state) == 0.0 and loaded["epoch"] == 1
+
+
+def test_ddp_mode_maps_full_checkpoints(tmp_path, monkeypatch):
+    path = tmp_path / "full.ckpt"
+    torch.save({"state_dict": TinyMoE().state_dict()}, path)
+    seen = {}
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: (seen.update(kwargs), load(*args, **kwargs))[1])
+    checkpoint = MoEStrategy().load_checkpoint(path)  # no process group: broadcast returns its input
+    assert seen["mmap"] is True and set(checkpoint["state_dict"]) == set(TinyMoE().state_dict())

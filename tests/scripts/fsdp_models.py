@@ -49,14 +49,15 @@ def reference_train(steps: int = STEPS, accumulate: int = 1, clip: float | None 
 class MetaTransformer(lmoe.MoELightningModule):
     """The package transformer of ``ARCH`` built in ``configure_model`` (on meta under data_parallel="fsdp")."""
 
-    def __init__(self, arch: Architecture = ARCH, lr: float = 1e-3, moe_kwargs: dict | None = None) -> None:
+    def __init__(self, arch: Architecture = ARCH, lr: float = 1e-3, moe_kwargs: dict | None = None,
+                 meta: bool = False) -> None:
         super().__init__()
-        self.arch, self.lr, self.moe_kwargs = arch, lr, moe_kwargs or {}
+        self.arch, self.lr, self.moe_kwargs, self.meta = arch, lr, moe_kwargs or {}, meta
         self.model: Transformer | None = None
 
     def configure_model(self) -> None:
-        if self.model is None:
-            self.model = Transformer(self.arch, moe_kwargs=self.moe_kwargs)
+        if self.model is None:  # meta=True: on meta under any strategy (FSDP's configure_model runs on meta anyway)
+            self.model = Transformer(self.arch, moe_kwargs=self.moe_kwargs, device="meta" if self.meta else None)
 
     def training_step(self, batch, batch_idx):
         tokens = batch[0]

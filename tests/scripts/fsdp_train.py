@@ -5,7 +5,8 @@ checkpoints (DCP directories) go to ``$LMOE_TEST_OUT``.
 
 Suites:
     fit: train ``AdamWModel`` (params: devices, ep, steps, accumulate, clip, precision, resume, every, save);
-    init: build ``MetaTransformer`` on meta, materialise (fit with max_steps=0), save;
+    init: build ``MetaTransformer`` on meta, materialise (fit with max_steps=0), save (params: data_parallel);
+    stages: fit, then validate, test and predict with new trainers; the model stays sharded throughout;
     zero_tokens: bf16-mixed, every token routed to expert 0: the rank holding expert 1 gets no row.
 """
 
@@ -22,6 +23,7 @@ import lightning_moe as lmoe
 from lightning_moe.distributed.expert_parallel import expert_parameters
 from lightning_moe.distributed.fsdp import is_dtensor
 
+from ep_models import eval_loader
 from fsdp_models import AdamWModel, MetaTransformer
 from script_io import main, out_dir, write_result
 
@@ -29,7 +31,8 @@ torch.set_num_threads(1)
 
 
 def trainer(params: dict, **kwargs) -> L.Trainer:
-    strategy = lmoe.MoEStrategy(expert_parallel_size=params.get("ep"), data_parallel="fsdp")
+    strategy = lmoe.MoEStrategy(expert_parallel_size=params.get("ep"),
+                                data_parallel=params.get("data_parallel", "fsdp"))
     return L.Trainer(accelerator="cpu", devices=params.get("devices", 2), strategy=strategy,
                      use_distributed_sampler=False, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, reload_dataloaders_every_n_epochs=1, **kwargs)
@@ -63,12 +66,32 @@ def fit(params: dict) -> None:
 
 def init(params: dict) -> None:
     L.seed_everything(params.get("seed", 5))
-    model = MetaTransformer()
+    model = MetaTransformer(meta=True)
+    broadcasts = []
+    broadcast = lmoe.MoEStrategy._broadcast
+    lmoe.MoEStrategy._broadcast = lambda self, module: (broadcasts.append(1), broadcast(self, module))[1]
     tr = trainer(params, max_steps=0)
     tr.fit(model, train_dataloaders=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
         torch.zeros(2, 5, dtype=torch.long)), batch_size=1))
     tr.save_checkpoint(out_dir() / params.get("save", "init"))
-    write_result({"meta_left": any(p.is_meta for p in model.parameters())}, rank=tr.global_rank)
+    write_result({"meta_left": any(p.is_meta for p in model.parameters()), "broadcasts": len(broadcasts)},
+                 rank=tr.global_rank)
+
+
+def stages(params: dict) -> None:
+    model = AdamWModel(lr=0.01)
+    tr = trainer(params, max_steps=5)
+    tr.fit(model)
+    rank, world = tr.global_rank, tr.world_size
+    shapes = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
+    result = {"after_fit": all(is_dtensor(p) for p in model.parameters())}
+    result["val_loss"] = trainer(params).validate(model, eval_loader(rank, world), verbose=False)[0]["val_loss"]
+    result["test_loss"] = trainer(params).test(model, eval_loader(rank, world), verbose=False)[0]["test_loss"]
+    predictions = trainer(params).predict(model, eval_loader(rank, world))
+    result["predictions"] = torch.cat(predictions).flatten().tolist()
+    result["still_sharded"] = all(is_dtensor(p) and tuple(p.to_local().shape) == shapes[n]
+                                  for n, p in model.named_parameters())
+    write_result(result, rank=rank)
 
 
 def zero_tokens(params: dict) -> None:
@@ -89,4 +112,5 @@ def zero_tokens(params: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(lambda: {"fit": fit, "init": init, "zero_tokens": zero_tokens}[sys.argv[1]](json.loads(sys.argv[2])))
+    suites = {"fit": fit, "init": init, "stages": stages, "zero_tokens": zero_tokens}
+    main(lambda: suites[sys.argv[1]](json.loads(sys.argv[2])))
