@@ -154,6 +154,14 @@ def test_model_stays_sharded_through_fit_validate_test_predict(tmp_path):
 
 
 @pytest.mark.distributed
+def test_bf16_true_keeps_routers_float32_with_router_precision(tmp_path):
+    run = _fit(tmp_path, devices=2, ep=2, steps=2, precision="bf16-true", router_precision=True)
+    for result in run.results:  # the routers are FSDP units of their own (FSDP2 shards one dtype per unit)
+        assert result["router_dtypes"] == ["torch.float32"] and result["expert_dtypes"] == ["torch.bfloat16"]
+        assert result["global_step"] == 2 and result["finite"]
+
+
+@pytest.mark.distributed
 def test_a_rank_whose_experts_get_no_token_completes_bf16_steps(tmp_path):
     run = run_script("fsdp_train.py", "zero_tokens", json.dumps({"devices": 2, "ep": 2}), out=tmp_path, ranks=2,
                      timeout=300)

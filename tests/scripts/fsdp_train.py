@@ -45,13 +45,13 @@ def local_numel(params) -> int:
 def fit(params: dict) -> None:
     steps, acc = params.get("steps", 5), params.get("accumulate", 1)
     model = AdamWModel(lr=0.01, steps=steps, accumulate=acc)
-    callbacks = []
+    callbacks: list = [lmoe.callbacks.RouterPrecision()] if params.get("router_precision") else []
     if params.get("every"):
         callbacks.append(ModelCheckpoint(dirpath=out_dir(), filename="step{step}", every_n_train_steps=params["every"],
                                          save_top_k=-1))
     tr = trainer(params, max_steps=steps, accumulate_grad_batches=acc, gradient_clip_val=params.get("clip"),
                  precision=params.get("precision", "32-true"), callbacks=callbacks,
-                 enable_checkpointing=bool(callbacks))
+                 enable_checkpointing=bool(params.get("every")))
     tr.fit(model, ckpt_path=params.get("resume"))
     tr.save_checkpoint(out_dir() / params.get("save", "final"))
     experts = expert_parameters(model)
@@ -61,6 +61,10 @@ def fit(params: dict) -> None:
         "expert_local_numel": local_numel(experts),
         "dense_local_numel": local_numel(p for p in model.parameters() if all(p is not q for q in experts)),
         "logical_numel": sum(p.numel() for p in model.parameters()),
+        "router_dtypes": sorted({str(p.dtype) for layer in (model.net.moe1, model.net.moe2)
+                                 for p in layer.router.parameters()}),
+        "expert_dtypes": sorted({str(p.dtype) for p in experts}),
+        "finite": all(bool(p.to_local().isfinite().all()) for p in model.parameters()),
     }, rank=tr.global_rank)
 
 
