@@ -25,8 +25,6 @@ Shape legend: B micro-batch, S sequence, V vocabulary.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import gc
 import statistics
@@ -40,7 +38,7 @@ from torch import Tensor, nn
 from lightning_moe.distributed.expert_parallel import ExpertShard, shard_moe_layer
 from lightning_moe.distributed.materialise import materialise, seed_for
 from lightning_moe.distributed.simulated import SimulatedExpertParallel
-from lightning_moe.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from lightning_moe.memory import mmap_large_allocations, peak_rss_bytes, reset_peak_rss, rss_bytes
 from lightning_moe.models.transformer import Transformer, build_model, num_params
 from lightning_moe.nn.moe import find_moe_layers
 from lightning_moe.plan import Architecture, Layout, check_layout, params_per_rank, plan
@@ -256,7 +254,7 @@ def simulate_step(arch: Architecture, layout: Layout, rank: int = 0, steps: int 
                    if isinstance(layer.expert_dispatcher, SimulatedExpertParallel)]
 
     if exact_rss:
-        _mmap_large_allocations()
+        mmap_large_allocations()
     gc.collect()
     base = rss_bytes()
     reset_peak_rss()
@@ -310,10 +308,3 @@ def _count_saved_tensors(model: nn.Module, record: bool):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield saved
-
-
-def _mmap_large_allocations(threshold: int = 1 << 16) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not hasattr(libc, "mallopt") or libc.mallopt(-3, threshold) != 1:  # -3: M_MMAP_THRESHOLD
-        raise RuntimeError("simulate_step: exact_rss=True needs glibc's mallopt; pass exact_rss=False")
-

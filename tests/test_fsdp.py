@@ -230,3 +230,27 @@ def test_ddp_mode_maps_full_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *args, **kwargs: (seen.update(kwargs), load(*args, **kwargs))[1])
     checkpoint = MoEStrategy().load_checkpoint(path)  # no process group: broadcast returns its input
     assert seen["mmap"] is True and set(checkpoint["state_dict"]) == set(TinyMoE().state_dict())
+
+
+# -- the planner and the strategy agree ----------------------------------------------------------------------------
+
+MEMORY_ARCH = {"layers": 4, "dim": 256, "heads": 4, "vocab": 2048, "expert_hidden": 256, "experts": 8, "top_k": 2,
+               "kv_heads": 2, "ffn_hidden": 512, "shared_experts": 1, "dense_layers": 1}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("devices", "ep"), [(2, 2), pytest.param(4, 2, marks=pytest.mark.slow),
+                                             pytest.param(4, 4, marks=pytest.mark.slow)])
+def test_bytes_each_rank_holds_agree_with_the_planner(tmp_path, devices, ep):
+    from lightning_moe.plan import Architecture, Layout, plan
+
+    params = {"devices": devices, "ep": ep, "micro_batch": 2, "seq_len": 256, "arch": MEMORY_ARCH}
+    run = run_script("fsdp_train.py", "memory", json.dumps(params), out=tmp_path, ranks=devices, timeout=900)
+    layout = Layout(gpus=devices, gpu_memory=1 << 40, ep=ep, dense_sharding="fsdp", expert_sharding="fsdp",
+                    weight_dtype="fp32", grad_dtype="fp32", optim_dtype="fp32", master_weights=False,
+                    act_dtype="fp32", micro_batch=2, seq_len=256, flash_attention=True)
+    for rank, measured in enumerate(run.results):
+        planned = plan(Architecture(**MEMORY_ARCH), layout, rank=rank)
+        for key in ("param_bytes", "grad_bytes", "optimizer_bytes"):  # sums of local shard sizes
+            assert abs(measured[key] / getattr(planned, key) - 1) < 0.02, (rank, key, measured[key])
+        assert abs(measured["peak_bytes"] / planned.total_bytes - 1) < 0.15, (rank, measured, planned.total_bytes)

@@ -4,11 +4,13 @@
 this rank's experts (:func:`~lightning_moe.distributed.shard_moe_layer`):
 
 1. every MoE layer's expert bank is one unit over the ``data`` mesh dimension (the ranks holding the same
-   experts), its stacked weights ``[L, D, H]`` sharded on dim 1, so that fewer local experts than data ranks
-   needs no padding; its gradients are divided by the *world* size: the all-to-all's backward already summed
-   every token's contribution over the expert group, so sum over ``data`` / world = single-process gradients;
+   experts), its stacked weights ``[L, D, H]`` sharded on dim 1 (or 2: :func:`expert_shard_dim`), so that fewer
+   local experts than data ranks needs no padding; its gradients are divided by the *world* size: the
+   all-to-all's backward already summed every token's contribution over the expert group, so sum over ``data``
+   / world = single-process gradients;
 2. each repeated block holding an MoE layer (found without user code, see :func:`find_blocks`), and the dense
-   blocks beside it, is one unit over all ranks; so is the root (embeddings, head, everything left);
+   blocks beside it, is one unit over all ranks; so is the root (embeddings, head, everything left), dim 0
+   sharded (dim 1 for a stacked shared expert ``[1, D, H]``: :func:`dense_shard_dim`);
 3. FSDP2 wants one dtype per unit: where a unit mixes dtypes (float32 routers in a ``bf16-true`` model,
    :class:`~lightning_moe.callbacks.RouterPrecision`), the largest submodules of the minority dtype become
    units of their own.
@@ -31,9 +33,9 @@ from lightning_moe.nn.moe import find_moe_layers
 
 # Methods of a LightningModule that run a forward: FSDP unshards the root's parameters around them.
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
-EXPERT_SHARD_DIM = 1  # D of w1/w3 [L, D, H], H of w2 [L, H, D] and b1 [L, H], D of b2 [L, D]
 
-__all__ = ["clip_grad_norm_", "find_blocks", "is_dtensor", "is_sharded", "reshard", "shard_model"]
+__all__ = ["clip_grad_norm_", "dense_shard_dim", "expert_shard_dim", "find_blocks", "is_dtensor", "is_sharded",
+           "reshard", "shard_model"]
 
 
 def _fsdp():
@@ -115,15 +117,28 @@ def _split_dtypes(unit: nn.Module, mesh, name: str, **kwargs) -> None:
                          "or give them the module's dtype")
 
 
+def expert_shard_dim(shape: tuple[int, ...], dp: int) -> int | None:
+    """The dim FSDP2 shards a stacked expert tensor ``[L, ...]`` on over ``dp`` ranks: the first dim after the
+    expert dim that ``dp`` divides (FSDP2 shards a non-zero dim evenly only), None when there is none."""
+    return next((d for d in range(1, len(shape)) if shape[d] % dp == 0), None)
+
+
 def _expert_placement(param: nn.Parameter, dp: int, path: str):
     from torch.distributed.tensor import Shard
 
-    if param.ndim < 2 or param.shape[EXPERT_SHARD_DIM] % dp:
-        raise ValueError(f"shard_model: expert weight {path!r} of shape {tuple(param.shape)} must have dim "
-                         f"{EXPERT_SHARD_DIM} divisible by the data-parallel size {dp} (FSDP2 shards a non-zero dim "
-                         "evenly); pick a model width and expert hidden size divisible by world_size / "
-                         "expert_parallel_size, or another expert_parallel_size")
-    return Shard(EXPERT_SHARD_DIM)
+    dim = expert_shard_dim(tuple(param.shape), dp)
+    if dim is None:
+        raise ValueError(f"shard_model: expert weight {path!r} of shape {tuple(param.shape)} has no dim after the "
+                         f"expert dim divisible by the data-parallel size {dp} (FSDP2 shards a non-zero dim evenly); "
+                         "pick a model width or expert hidden size divisible by world_size / expert_parallel_size, "
+                         "or another expert_parallel_size")
+    return Shard(dim)
+
+
+def dense_shard_dim(shape: tuple[int, ...], world: int) -> int:
+    """The dim FSDP2 shards a non-expert tensor on: 0, or 1 when dim 0 has fewer rows than ranks and dim 1 divides
+    evenly (a stacked shared expert ``[1, D, H]`` would otherwise sit on rank 0 alone)."""
+    return 1 if len(shape) > 1 and shape[0] < world and shape[1] % world == 0 else 0
 
 
 def shard_model(module: nn.Module, world_mesh, data_mesh, reshard_after_forward: bool = True) -> list[str]:
@@ -146,10 +161,13 @@ def shard_model(module: nn.Module, world_mesh, data_mesh, reshard_after_forward:
         ValueError: If an expert dim does not divide by the data size, if the user's own ``fully_shard`` already
             took the experts of an expert-sharded layer, or if a unit holds parameters of two dtypes directly.
     """
+    from torch.distributed.tensor import Shard
+
     fsdp = _fsdp()
     world = world_mesh.size()
     dp = data_mesh.size()
     kwargs = {"reshard_after_forward": reshard_after_forward}
+    dense = {"shard_placement_fn": lambda p: Shard(dense_shard_dim(tuple(p.shape), world)), **kwargs}
     units: list[str] = []
     for path, layer in find_moe_layers(module):
         bank = layer.experts
@@ -177,12 +195,12 @@ def shard_model(module: nn.Module, world_mesh, data_mesh, reshard_after_forward:
         block = submodules[path]
         if is_sharded(block) or not _unmanaged(block):
             continue
-        _split_dtypes(block, world_mesh, path, **kwargs)
-        fsdp.fully_shard(block, mesh=world_mesh, **kwargs)
+        _split_dtypes(block, world_mesh, path, **dense)
+        fsdp.fully_shard(block, mesh=world_mesh, **dense)
         units.append(path)
     if not is_sharded(module):
-        _split_dtypes(module, world_mesh, "", **kwargs)
-        fsdp.fully_shard(module, mesh=world_mesh, **kwargs)
+        _split_dtypes(module, world_mesh, "", **dense)
+        fsdp.fully_shard(module, mesh=world_mesh, **dense)
         units.append("")
     _register_step_methods(module)
     return units
@@ -195,8 +213,7 @@ def _register_step_methods(module: nn.Module) -> None:
     if not isinstance(module, LightningModule):
         return
     for name in STEP_METHODS:
-        method = getattr(module, name, None)
-        if is_overridden(name, module) and not hasattr(method, "__wrapped__"):
+        if is_overridden(name, module) and name not in vars(module):  # registering sets an instance attribute
             _fsdp().register_fsdp_forward_method(module, name)
 
 

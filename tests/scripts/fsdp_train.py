@@ -7,6 +7,8 @@ Suites:
     fit: train ``AdamWModel`` (params: devices, ep, steps, accumulate, clip, precision, resume, every, save);
     init: build ``MetaTransformer`` on meta, materialise (fit with max_steps=0), save (params: data_parallel);
     stages: fit, then validate, test and predict with new trainers; the model stays sharded throughout;
+    memory: bytes each rank holds (params, grads, AdamW states: sum of local shards) and the peak RSS growth of a
+        training step of the package transformer (params: devices, ep, arch, micro_batch, seq_len);
     zero_tokens: bf16-mixed, every token routed to expert 0: the rank holding expert 1 gets no row.
 """
 
@@ -17,11 +19,14 @@ import sys
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import Tensor
 
 import lightning_moe as lmoe
 from lightning_moe.distributed.expert_parallel import expert_parameters
 from lightning_moe.distributed.fsdp import is_dtensor
+from lightning_moe.memory import mmap_large_allocations, peak_rss_bytes, reset_peak_rss, rss_bytes
+from lightning_moe.plan import Architecture
 
 from ep_models import eval_loader
 from fsdp_models import AdamWModel, MetaTransformer
@@ -98,6 +103,54 @@ def stages(params: dict) -> None:
     write_result(result, rank=rank)
 
 
+class MemoryProbe(Callback):
+    """Local shard bytes (params, grads, optimizer states) after the first step, and the peak of the second:
+    those bytes plus the growth of RSS over the step (framework memory that stays between steps, imports, gloo
+    buffers, is not the step's, and not the planner's)."""
+
+    def __init__(self) -> None:
+        self.result: dict = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == 0:
+            self.result["grad_bytes"] = local_bytes(p.grad for p in pl_module.parameters() if p.grad is not None)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 1:
+            self.start = rss_bytes()
+            reset_peak_rss()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1:  # after the first optimizer step
+            self.result["param_bytes"] = local_bytes(pl_module.parameters())
+            states = [v for st in trainer.optimizers[0].state.values() for v in st.values() if isinstance(v, Tensor)]
+            self.result["optimizer_bytes"] = local_bytes(states)
+        if trainer.global_step == 2:
+            held = sum(self.result[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes"))
+            self.result["peak_bytes"] = held + peak_rss_bytes() - self.start
+
+
+def local_bytes(tensors) -> int:
+    return sum((t.to_local() if is_dtensor(t) else t).nbytes for t in tensors)
+
+
+class KeptGradients(MetaTransformer):
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated between steps, as the planner counts
+
+
+def memory(params: dict) -> None:
+    mmap_large_allocations()  # RSS follows live memory
+    L.seed_everything(0)
+    b, s = params["micro_batch"], params["seq_len"]
+    arch = Architecture(**params["arch"])
+    tokens = torch.randint(arch.vocab, (2 * b, s + 1), generator=torch.Generator().manual_seed(0))
+    probe = MemoryProbe()
+    tr = trainer(params, max_steps=2, callbacks=[probe])
+    tr.fit(KeptGradients(arch), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=b))
+    write_result(probe.result, rank=tr.global_rank)
+
+
 def zero_tokens(params: dict) -> None:
     model = AdamWModel(lr=0.01)
     with torch.no_grad():
@@ -116,5 +169,5 @@ def zero_tokens(params: dict) -> None:
 
 
 if __name__ == "__main__":
-    suites = {"fit": fit, "init": init, "stages": stages, "zero_tokens": zero_tokens}
+    suites = {"fit": fit, "init": init, "stages": stages, "memory": memory, "zero_tokens": zero_tokens}
     main(lambda: suites[sys.argv[1]](json.loads(sys.argv[2])))
