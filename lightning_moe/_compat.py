@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed._functional_collectives as funcol  # noqa: F401 (re-exported)
@@ -71,7 +72,12 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("torch", "_transformer_encoder_layer_fwd", _TORCH,
                 "upcycle.py: the fused encoder kernel that reads linear1/linear2 directly; "
                 "disable_fused_encoder_fast_path keeps upcycled layers away from it"),
+    PrivateName("torch.testing._internal.distributed.fake_pg", "FakeStore", _TORCH,
+                "distributed/fake.py: torch's fake process group, one rank of a 10,000-rank job in one process "
+                "(examples/trillion_plan.py; what torchtitan's dry runs use)"),
     # Lightning
+    PrivateName("lightning.pytorch.strategies", "DDPStrategy._reset_optimizers_and_schedulers", _LIGHTNING,
+                "strategy.py: a new fit of an FSDP-sharded model makes new optimizers over the same shards"),
     PrivateName("lightning.pytorch.strategies.launchers", "_SubprocessScriptLauncher", _LIGHTNING,
                 "distributed/launcher.py: the popen launcher the peer watchdog extends"),
     PrivateName("lightning.pytorch.strategies.launchers", "_SubprocessScriptLauncher._call_children_scripts",
@@ -116,7 +122,20 @@ def set_ddp_ignored_names(module: nn.Module, names: Sequence[str]) -> None:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(names))
 
 
+def fake_store() -> Any:
+    """A ``FakeStore`` for ``init_process_group("fake", ...)`` (importing it registers the fake backend)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    return FakeStore()
+
+
 # -- Lightning --------------------------------------------------------------------------------------
+
+
+def reset_optimizers(strategy: Any) -> None:
+    """Forget a strategy's optimizers and schedulers (``setup_optimizers`` then makes new ones)."""
+    strategy._reset_optimizers_and_schedulers()
+
 
 SubprocessScriptLauncher = _SubprocessScriptLauncher
 optimizer_to_device = _optimizer_to_device
@@ -132,10 +151,12 @@ __all__ = [
     "TORCH_CHECKED",
     "ddp_ignored_names",
     "disable_fused_encoder_fast_path",
+    "fake_store",
     "flatten_dense_tensors",
     "funcol",
     "grouped_mm",
     "optimizer_to_device",
+    "reset_optimizers",
     "set_ddp_ignored_names",
     "unflatten_dense_tensors",
     "weight_int8pack_mm",

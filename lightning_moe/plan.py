@@ -130,6 +130,10 @@ def check_layout(arch: Architecture, layout: Layout) -> int:
 
 
 
+def _fsdp_dim(shape: tuple[int, ...], world: int) -> int:
+    return 1 if len(shape) > 1 and shape[0] < world and shape[1] % world == 0 else 0
+
+
 def fsdp_shard_numel(shape: tuple[int, ...], world: int, rank: int) -> int:
     """Elements of a tensor of ``shape`` that FSDP2 leaves on ``rank`` of ``world`` (a non-expert tensor).
 
@@ -143,7 +147,7 @@ def fsdp_shard_numel(shape: tuple[int, ...], world: int, rank: int) -> int:
     """
     if not shape:
         return 1 if rank == 0 else 0
-    dim = 1 if len(shape) > 1 and shape[0] < world and shape[1] % world == 0 else 0
+    dim = _fsdp_dim(shape, world)
     n = shape[dim]
     chunk = -(-n // world)
     rows = max(0, min(chunk, n - rank * chunk))
@@ -219,34 +223,64 @@ def params_per_rank(arch: Architecture, layout: Layout, rank: int = 0) -> RankPa
 
 
 def gather_bytes(arch: Architecture, layout: Layout) -> int:
-    """Bytes of the unsharded FSDP2 units in flight at the peak (``dense_sharding="fsdp"``; 0 otherwise).
+    """Bytes of unsharded FSDP2 units at the step's peak, beyond the activations (``dense_sharding="fsdp"``; 0 else).
 
-    The root unit (embeddings, lm head, final norm) stays unsharded from its forward to the end of the backward,
-    and so does its gradient. Of the blocks (one unit each, its local experts unsharded over ``dp``), the
-    backward holds the running one's parameters and gradient, the next one's parameters (prefetched) and, while
-    they arrive and leave, one flat communication buffer of each: the all-gather output the prefetched
-    parameters are copied out of, and the reduce-scatter input the gradient is copied into.
+    A unit (the root: embeddings, lm head, final norm; each block with its local experts) is unsharded around its
+    forward and its backward (``reshard_after_forward=True``, as the strategy shards): FSDP2 copies it out of a
+    flat all-gather output into storage padded to every rank's shard (a tensor of ``n`` rows sharded on dim 0
+    takes ``gpus * ceil(n / gpus)`` rows, far more than ``n`` when ``n < gpus``). This walks the step unit by
+    unit, as measured on CPU (``tests/test_fsdp.py``, ``examples/trillion_plan.py``):
+
+    * forward, block ``i``: the root unsharded with its all-gather output (both held through the forward), the
+      activations of the blocks before, block ``i`` and its all-gather output;
+    * backward, block ``i``: the root unsharded and its gradient, the activations of blocks ``0..i`` plus block
+      ``i``'s again as their gradients (and, with recomputation, one block's activations), block ``i`` unsharded
+      with the buffer it (or the next, prefetched) arrives in, and its gradient;
+
+    and returns the largest total minus :func:`activation_bytes`.
 
     Args:
         arch: The model.
         layout: The layout.
 
     Returns:
-        ``root * (w + g) + block * (3 * w + 2 * g)``, ``w``/``g`` the weight/gradient bytes.
+        Bytes (``total_bytes`` = states + activations + this).
     """
     if layout.dense_sharding != "fsdp":
         return 0
-    shapes, local = tensor_shapes(arch), arch.experts // layout.ep
-    sizes: dict[str, int] = {}
-    for name, shape, routed in shapes:
+    local, gpus = arch.experts // layout.ep, layout.gpus
+    sizes: dict[str, list[int]] = {}  # unit -> [numel, numel of its padded storage]
+    for name, shape, routed in tensor_shapes(arch):
         unit = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else ""
         numel = 1
-        for size in shape[1:] if routed else shape:
+        for size in shape[1:]:
             numel *= size
-        sizes[unit] = sizes.get(unit, 0) + numel * (local if routed else 1)
-    root, block = sizes.pop(""), max(sizes.values(), default=0)
+        if routed:  # this rank's experts, sharded evenly over dp
+            numel, padded = numel * local, numel * local
+        elif shape and _fsdp_dim(shape, gpus) == 0:
+            padded = numel * gpus * -(-shape[0] // gpus)
+            numel *= shape[0]
+        else:  # sharded evenly on dim 1
+            numel *= shape[0] if shape else 1
+            padded = numel
+        totals = sizes.setdefault(unit, [0, 0])
+        totals[0] += numel
+        totals[1] += padded
     w, g = DTYPE_BYTES[layout.weight_dtype], DTYPE_BYTES[layout.grad_dtype]
-    return root * (w + g) + block * (3 * w + 2 * g)
+    root, root_p = sizes[""]
+    blocks = [sizes[f"blocks.{i}"] for i in range(arch.layers)]
+    t, p = layout.micro_batch * layout.seq_len, DTYPE_BYTES[layout.act_dtype]
+    stored = [layer_activation_bytes(arch, layout, arch.is_moe_layer(i)) for i in range(arch.layers)]
+    if layout.activation_checkpointing:  # block inputs kept, one block's activations recomputed at a time
+        stored, recompute = [t * p * arch.dim] * arch.layers, max(stored)
+    else:
+        recompute = 0
+    output = t * (p * arch.dim + 4 * arch.vocab)
+    live = [2 * root_p * w + sum(stored[:i]) + 2 * padded * w for i, (_, padded) in enumerate(blocks)]  # forward
+    live.append(2 * root_p * w + sum(stored) + output)  # backward of the head: the root arriving again
+    for i, (numel, padded) in enumerate(blocks):  # backward
+        live.append(root_p * w + root * g + sum(stored[: i + 1]) + stored[i] + recompute + 2 * padded * w + numel * g)
+    return max(max(live) - activation_bytes(arch, layout), 0)
 
 
 def flops_per_token(arch: Architecture, seq_len: int) -> int:
@@ -381,8 +415,11 @@ def min_ep_that_fits(arch: Architecture, layout: Layout) -> int | None:
     """
     for ep in valid_eps(arch, layout.gpus):
         candidate = dataclasses.replace(layout, ep=ep, dp=None)
-        total = sum(state_bytes(arch, candidate)) + activation_bytes(arch, candidate) + gather_bytes(arch, candidate)
-        if total <= layout.gpu_memory:
+        try:
+            total = sum(state_bytes(arch, candidate)) + activation_bytes(arch, candidate)
+        except ValueError:  # "fsdp" expert sharding needs dp to divide an expert dim
+            continue
+        if total + gather_bytes(arch, candidate) <= layout.gpu_memory:
             return ep
     return None
 

@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_moe import _compat
-from lightning_moe.distributed import fsdp, gradients, launcher
+from lightning_moe.distributed import fake, fsdp, gradients, launcher
 from lightning_moe.distributed.expert_parallel import (
     check_expert_parallel_size,
     expert_parameters,
@@ -246,7 +246,9 @@ class MoEStrategy(StrategyCheckpoints):
             if not on_meta and not fsdp_mode:
                 self._broadcast(layer.experts)  # seeded meta init needs none: every rank draws its own experts
             if ep > 1:
-                shard_moe_layer(layer, path, mesh.get_local_rank("expert"), ep, self.expert_group)
+                shard = shard_moe_layer(layer, path, mesh.get_local_rank("expert"), ep, self.expert_group)
+                if fake.is_fake_backend():  # a dry run: the fake all-to-all returns no counts, mirror ours
+                    layer.expert_dispatcher = fake.FakeBackendDispatcher(shard, self.expert_group)
         if fsdp_mode:
             self._setup_fsdp(trainer, on_meta and first)
             return
@@ -267,14 +269,29 @@ class MoEStrategy(StrategyCheckpoints):
             self.precision_plugin.convert_module(module)  # before sharding: RouterPrecision keeps routers float32
             fsdp.shard_model(module, self.world_mesh, self.device_mesh["data"])
             setattr(module, _SHARDED_BY_US, True)
+            if fake.is_fake_backend():  # a dry run: all-gather buffers written, as a real backend writes them
+                for unit in module.modules():
+                    if fsdp.is_sharded(unit):
+                        unit.set_custom_all_gather(fake.WrittenAllGather())
             if materialise_now:
                 materialise(module, self._init_seed(), self.root_device)
         self.model = module
         self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
         if trainer.state.fn == TrainerFn.FITTING:
-            self._reset_optimizers_and_schedulers()  # a new fit makes new optimizers over the same shards
+            _compat.reset_optimizers(self)  # a new fit makes new optimizers over the same shards
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        # NOTE: the fake backend (a dry run) moves no data: every rank is this rank.
+        return obj if fake.is_fake_backend() else super().broadcast(obj, src)
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
+        if fake.is_fake_backend() and isinstance(tensor, Tensor):
+            return fake.mirror_reduce(tensor, reduce_op, self.world_size)
+        return super().reduce(tensor, group, reduce_op)
 
     def _init_seed(self) -> int:
         # Every rank materialises with rank 0's seed (seed_everything makes it the same anyway).

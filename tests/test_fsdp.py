@@ -254,3 +254,21 @@ def test_bytes_each_rank_holds_agree_with_the_planner(tmp_path, devices, ep):
         for key in ("param_bytes", "grad_bytes", "optimizer_bytes"):  # sums of local shard sizes
             assert abs(measured[key] / getattr(planned, key) - 1) < 0.02, (rank, key, measured[key])
         assert abs(measured["peak_bytes"] / planned.total_bytes - 1) < 0.15, (rank, measured, planned.total_bytes)
+
+
+# -- one rank of the 10,000-GPU job, through the Trainer on torch's fake process group ---------------------------
+
+
+@pytest.mark.slow
+def test_trillion_example_runs_rank_4321_of_10000_within_the_targets(tmp_path):
+    from launch import ROOT
+
+    run = run_script(ROOT / "examples" / "trillion_plan.py", "--json", str(tmp_path / "out.json"), out=tmp_path,
+                     ranks=0, timeout=600)
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert (report["world_size"], report["rank"], report["data_parallel"]) == (10_000, 4321, "fsdp")
+    ratio = {k: report[k]["measured"] / report[k]["planned"] for k in
+             ("param_bytes", "grad_bytes", "optimizer_bytes", "peak_bytes", "all_to_all_bytes")}
+    assert all(abs(ratio[k] - 1) < 0.02 for k in ("param_bytes", "grad_bytes", "optimizer_bytes")), ratio
+    assert abs(ratio["peak_bytes"] - 1) < 0.15 and abs(ratio["all_to_all_bytes"] - 1) < 0.01, ratio
+    assert "1,123,030,293,504 parameters (planner 1,123,030,293,504)" in run.stdout
