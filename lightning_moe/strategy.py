@@ -32,6 +32,7 @@ from typing_extensions import override
 
 from lightning_moe import _compat
 from lightning_moe.distributed import full_checkpoint, gradients, launcher, sharded_checkpoint
+from lightning_moe.distributed.count_reduction import install_count_reduction, remove_count_reduction
 from lightning_moe.distributed.expert_parallel import (
     check_expert_parallel_size,
     expert_parameters,
@@ -179,12 +180,22 @@ class MoEStrategy(DDPStrategy):
             self._broadcast_experts(layer)
             if ep > 1:
                 shard_moe_layer(layer, path, mesh.get_local_rank("expert"), ep, self.expert_group)
+        self._install_count_reduction()
         ignored = set(_compat.ddp_ignored_names(module)) | set(expert_state_names(module))
         _compat.set_ddp_ignored_names(module, sorted(ignored))
         if ep > 1:
             # Norm clipping must see the norm of the whole model, experts of every rank included.
             self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
         super().setup(trainer)
+
+    def _install_count_reduction(self) -> None:
+        """Balancing losses of scope "global"/"sequence" sum their routing counts over the whole world.
+
+        Every rank trains on a different part of the batch (data x expert dims), so the sum spans the
+        default group; the layers know no group (see :mod:`lightning_moe.nn.reduce`). Removed in teardown.
+        """
+        if self.world_size > 1:
+            install_count_reduction(self.lightning_module, dist.group.WORLD)
 
     def _broadcast_experts(self, layer) -> None:
         # DDP broadcasts rank 0's dense weights; experts are outside DDP, so do the same for them.
@@ -201,6 +212,8 @@ class MoEStrategy(DDPStrategy):
         module = self.lightning_module
         healthy = self._trainer is None or self._trainer.state.status != TrainerStatus.INTERRUPTED
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+        if module is not None:
+            remove_count_reduction(module)  # the model may outlive the process group
         if module is not None and self._checkpoint == "full" and healthy and dist.is_initialized():
             layout = self._layout()
             if layout.shards:

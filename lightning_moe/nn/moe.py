@@ -16,9 +16,11 @@ from torch import Tensor, nn
 from lightning_moe.nn import functional as MF
 from lightning_moe.nn.dispatch import ExpertDispatcher, LocalDispatcher
 from lightning_moe.nn.experts import ACTIVATIONS, GroupedExperts, TemplateExperts
+from lightning_moe.nn.reduce import CountReduction, LocalCountReduction
 from lightning_moe.nn.router import ExpertChoiceRouter, TokenChoiceRouter
 
 ROUTERS = ("token_choice", "expert_choice")
+AUX_LOSS_SCOPES = ("global", "local", "sequence")
 
 
 class MoE(nn.Module):
@@ -53,6 +55,13 @@ class MoE(nn.Module):
         check_finite: raise ``FloatingPointError`` when router logits are not finite (costs a sync).
         device: where to create parameters (``"meta"`` builds without memory).
         dtype: parameter dtype; the router still computes in float32.
+        aux_loss_scope: which tokens the balancing loss and z-loss are means over in training (see
+            :mod:`lightning_moe.nn.reduce` for the exact formulas and why): ``"global"`` (default) the
+            global batch, counts summed over every rank by :attr:`count_reduction` (installed by
+            ``MoEStrategy``), so that N ranks optimise the single-process loss, padding included;
+            ``"local"`` this rank's tokens (no collective); ``"sequence"`` DeepSeek-V3's sequence-wise
+            balancing loss (input ``[..., S, dim]``), averaged over the global batch's sequences (token
+            choice only). Alone, or in eval mode, ``"global"`` equals ``"local"``.
 
     Attributes:
         aux_loss: balancing + z-loss of the last forward, coefficients applied, with graph.
@@ -66,6 +75,12 @@ class MoE(nn.Module):
         dispatcher: the :class:`~lightning_moe.nn.dispatch.ExpertDispatcher` that runs the experts
             (:class:`~lightning_moe.nn.dispatch.LocalDispatcher` unless a strategy installed another
             through :attr:`expert_dispatcher`).
+        count_reduction: the :class:`~lightning_moe.nn.reduce.CountReduction` that sums routing counts
+            over ranks for the global and sequence scopes (local unless a strategy installed another).
+        global_tokens_per_expert: ``LongTensor[E]`` of the last forward: ``tokens_per_expert`` summed
+            over the :attr:`reduced_over` ranks the losses were formed on (equal to it when nothing was reduced).
+        reduced_over: how many ranks' counts ``global_tokens_per_expert`` sums (1: this rank's own). Bias
+            balancing reads it to skip its own all-reduce.
 
     Example:
         >>> layer = MoE(dim=16, num_experts=4, top_k=2)
@@ -96,11 +111,14 @@ class MoE(nn.Module):
         check_finite: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        aux_loss_scope: str = "global",
     ) -> None:
         super().__init__()
         hidden_dim = 4 * dim if hidden_dim is None and isinstance(dim, int) else hidden_dim
         self._validate(dim, num_experts, top_k, hidden_dim, activation, router, score_func, capacity_factor,
                        num_shared_experts, aux_loss_coef, z_loss_coef, bias_update_rate, router_jitter, expert)
+        self._validate_aux_loss_scope(aux_loss_scope, router)
+        self.aux_loss_scope = aux_loss_scope
         self.dim = dim
         self.num_experts = num_experts
         self.top_k = top_k
@@ -138,6 +156,9 @@ class MoE(nn.Module):
         )
         # Replaced from outside (expert_dispatcher) by the expert-parallel strategy; the layer knows no process group.
         self.dispatcher: ExpertDispatcher = LocalDispatcher()
+        # Replaced from outside (count_reduction) by the strategy, for the global and sequence loss scopes.
+        self._count_reduction: CountReduction = LocalCountReduction()
+        self.reduced_over = 1
         self.forward_count = 0
 
         stat_device = device
@@ -149,6 +170,8 @@ class MoE(nn.Module):
                              persistent=False)
         self.register_buffer("router_entropy", torch.zeros((), dtype=torch.float32, device=stat_device),
                              persistent=False)
+        self.register_buffer("global_tokens_per_expert", torch.zeros(num_experts, dtype=torch.long,
+                                                                     device=stat_device), persistent=False)
         self._aux_loss: Tensor | None = None
         self._load_balancing_loss: Tensor | None = None
         self._z_loss: Tensor | None = None
@@ -183,6 +206,15 @@ class MoE(nn.Module):
         if expert is not None and not isinstance(expert, nn.Module):
             raise ValueError(f"{name}: expert={type(expert).__name__} must be an nn.Module mapping dim -> dim")
 
+    def _validate_aux_loss_scope(self, aux_loss_scope, router) -> None:
+        name = type(self).__name__
+        if aux_loss_scope not in AUX_LOSS_SCOPES:
+            raise ValueError(f"{name}: aux_loss_scope={aux_loss_scope!r} must be one of {AUX_LOSS_SCOPES}")
+        if aux_loss_scope == "sequence" and router != "token_choice":
+            raise ValueError(f"{name}: aux_loss_scope='sequence' needs router='token_choice': expert choice has no "
+                             "balancing loss (each expert fills its capacity); use 'global' or 'local', which "
+                             "decide the tokens its z-loss is a mean over")
+
     def extra_repr(self) -> str:
         drop = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
         return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, router={self.router_type!r}, "
@@ -210,6 +242,22 @@ class MoE(nn.Module):
                              "ExpertDispatcher protocol (plan(kept_counts_E) and __call__(x_MD, plan, experts)), "
                              "or be None for local experts")
         self.dispatcher = LocalDispatcher() if dispatcher is None else dispatcher
+
+    @property
+    def count_reduction(self) -> CountReduction:
+        """How the global and sequence scopes sum routing counts over ranks (a seam, installed from outside).
+
+        :class:`~lightning_moe.nn.reduce.LocalCountReduction` (nothing to sum) unless a strategy installed
+        another; setting None restores it.
+        """
+        return self._count_reduction
+
+    @count_reduction.setter
+    def count_reduction(self, reduction: CountReduction | None) -> None:
+        if reduction is not None and not isinstance(reduction, CountReduction):
+            raise ValueError(f"{self.display_name}: count_reduction={reduction!r} must implement the CountReduction "
+                             "protocol (size, start(counts_X) and wait(pending_X)), or be None for this rank alone")
+        self._count_reduction = LocalCountReduction() if reduction is None else reduction
 
     @property
     def assignments(self) -> Tensor:
@@ -283,8 +331,9 @@ class MoE(nn.Module):
                                  f"x.shape[:-1]={tuple(x.shape[:-1])}")
             valid_T = ~padding_mask.reshape(-1).to(torch.bool)
 
+        seq_len = x.shape[-2] if x.ndim >= 2 else 1  # the sequence dim of the sequence scope
         if self.router_type == "token_choice":
-            out_TD = self._token_choice(x_TD, valid_T)
+            out_TD = self._token_choice(x_TD, valid_T, seq_len)
         else:
             out_TD = self._expert_choice(x_TD, valid_T)
         if self.shared_experts is not None:
@@ -292,7 +341,7 @@ class MoE(nn.Module):
         self.forward_count += 1
         return out_TD.reshape(x.shape)
 
-    def _token_choice(self, x_TD: Tensor, valid_T: Tensor | None) -> Tensor:
+    def _token_choice(self, x_TD: Tensor, valid_T: Tensor | None, seq_len: int) -> Tensor:
         num_tokens = x_TD.shape[0]
         routing = self.router(x_TD, valid_T)
         self._check_finite(routing.logits_TE)
@@ -302,6 +351,8 @@ class MoE(nn.Module):
             capacity = MF.expert_capacity(self.capacity_factor, num_routed, self.top_k, self.num_experts)
         # 1. Sort the T*K assignments (k-major) by expert; capacity drops overflow, deterministically.
         order_N, _, counts_E, kept_counts_E = MF.sort_by_expert(routing.top_ids_TK, self.num_experts, capacity)
+        # Global/sequence scopes: the counts' sum over ranks travels while the experts run (waited in _set_losses).
+        pending_X = self._start_count_reduction(counts_E, num_routed, valid_T, num_tokens, seq_len)
         # 2. Plan the dispatch. NOTE: the one host sync of the layer: per-expert counts size the expert
         # GEMMs (an expert-parallel dispatcher exchanges counts with its peers in the same sync).
         plan = self.dispatcher.plan(kept_counts_E)
@@ -316,8 +367,8 @@ class MoE(nn.Module):
         probs_TE = routing.scores_TE
         if self.score_func == "sigmoid":
             probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        balance = MF.load_balancing_loss(probs_TE, counts_E, num_routed, self.top_k, valid_T)
-        self._set_losses(balance, MF.z_loss(routing.logits_TE, valid_T))
+        self._set_losses(routing.logits_TE, valid_T, counts_E, num_routed, pending_X,
+                         probs_TE=probs_TE, top_ids_TK=routing.top_ids_TK, seq_len=seq_len)
         self._record(counts_E, counts_E.sum() - kept_counts_E.sum(), num_routed, routing.scores_TE, valid_T)
         return out_TD
 
@@ -329,6 +380,8 @@ class MoE(nn.Module):
         weights_M = routing.weights_EC.reshape(-1)
         capacity = routing.token_ids_EC.shape[1]
         counts_E = routing.chosen_EC.sum(dim=1)
+        num_routed = num_tokens if valid_T is None else valid_T.sum()
+        pending_X = self._start_count_reduction(counts_E, num_routed, valid_T, num_tokens, 1)
         # Every expert fills its capacity (known on the host): a local plan needs no sync; an
         # expert-parallel one still exchanges counts (ranks' capacities differ with their token counts).
         kept_counts_E = torch.full_like(counts_E, capacity)
@@ -340,8 +393,7 @@ class MoE(nn.Module):
             taken_T = torch.zeros(num_tokens, device=x_TD.device, dtype=torch.long)
             taken_T.index_add_(0, token_M, routing.chosen_EC.reshape(-1).long())
             untaken_T = taken_T == 0 if valid_T is None else (taken_T == 0) & valid_T
-        num_routed = num_tokens if valid_T is None else valid_T.sum()
-        self._set_losses(None, MF.z_loss(routing.logits_TE, valid_T))
+        self._set_losses(routing.logits_TE, valid_T, counts_E, num_routed, pending_X)
         self._record(counts_E, untaken_T.sum(), num_routed, routing.scores_TE, valid_T)
         return out_TD
 
@@ -360,12 +412,66 @@ class MoE(nn.Module):
                 "check the layer input, lower the learning rate, or use NonFiniteGuard"
             )
 
-    def _set_losses(self, balance: Tensor | None, z: Tensor) -> None:
+    def _start_count_reduction(self, counts_E: Tensor, num_routed: Tensor | int, valid_T: Tensor | None,
+                               num_tokens: int, seq_len: int) -> Tensor | None:
+        """Start summing ``[counts_E, routed tokens, routed sequences]`` over ranks (global/sequence scopes).
+
+        Returns the pending sum, or None where the losses are this rank's own: scope "local", eval mode
+        (evaluation never waits for peers; ranks may run different numbers of evaluation batches) or
+        a reduction over one rank. One collective per layer forward, asynchronous, no host sync.
+        """
+        reduction = self._count_reduction
+        if self.aux_loss_scope == "local" or not self.training or reduction.size == 1:
+            return None
+        with torch.no_grad():
+            routed = torch.as_tensor(num_routed, device=counts_E.device).view(1)
+            if self.aux_loss_scope != "sequence":
+                sequences = torch.zeros_like(routed)
+            elif valid_T is None:
+                sequences = torch.full_like(routed, num_tokens // seq_len if seq_len else 0)
+            else:
+                sequences = valid_T.view(-1, seq_len).any(dim=1).sum().view(1) if num_tokens else routed * 0
+            counts_X = torch.cat([counts_E, routed.to(counts_E.dtype), sequences.to(counts_E.dtype)])
+        return reduction.start(counts_X)
+
+    def _set_losses(self, logits_TE: Tensor, valid_T: Tensor | None, counts_E: Tensor, num_routed: Tensor | int,
+                    pending_X: Tensor | None, probs_TE: Tensor | None = None, top_ids_TK: Tensor | None = None,
+                    seq_len: int = 1) -> None:
+        """Form this forward's balancing loss and z-loss (coefficients applied) and record the counts they used.
+
+        Without a pending reduction every mean is over this rank's routed tokens (sequences), W = 1.
+        With one, ``f_i`` and the divisors come from the global batch and the sums over tokens from this
+        rank, times W: the mean of the W ranks' losses is the global-batch loss, and its gradient (no
+        gradient flows through counts) is what data parallelism's averaging of dense gradients computes.
+        """
+        W, global_counts_E, tokens, sequences = 1, counts_E, num_routed, None
+        if pending_X is not None:
+            totals_X = self._count_reduction.wait(pending_X)
+            E = self.num_experts
+            W, global_counts_E = self._count_reduction.size, totals_X[:E]
+            tokens, sequences = totals_X[E], totals_X[E + 1]
+        z = MF.z_loss(logits_TE, valid_T, None if pending_X is None else tokens)
+        if probs_TE is None or top_ids_TK is None:  # expert choice: balanced by construction
+            balance = None
+        elif self.aux_loss_scope == "sequence":
+            S = seq_len
+            B = probs_TE.shape[0] // S if S else 0
+            valid_BS = None if valid_T is None else valid_T.view(B, S)
+            balance = MF.sequence_load_balancing_loss(probs_TE.view(B, S, -1), top_ids_TK.view(B, S, -1), valid_BS,
+                                                      sequences)
+        else:
+            balance = MF.load_balancing_loss(probs_TE, global_counts_E, tokens, self.top_k, valid_T)
+        if W != 1:
+            z = z * W
+            balance = None if balance is None else balance * W
         z_loss = self.z_loss_coef * z
         balance_loss = z_loss * 0 if balance is None else self.aux_loss_coef * balance
         self._load_balancing_loss = balance_loss
         self._z_loss = z_loss
         self._aux_loss = balance_loss + z_loss
+        with torch.no_grad():
+            self.global_tokens_per_expert.copy_(global_counts_E)
+        self.reduced_over = W
 
     @torch.no_grad()
     def _record(self, counts_E: Tensor, dropped: Tensor, num_routed, scores_TE: Tensor, valid_T) -> None:
