@@ -9,6 +9,9 @@ for the experts of every MoE layer, over a ``("data", "expert")`` device mesh:
 - dense parameters are all-reduced by DDP over all ranks; expert parameters are kept out of DDP and
   their gradients are summed over the ranks holding the same experts (the "data" dimension) and
   divided by the world size, so N-rank training equals single-process training on the global batch;
+- every MoE layer's balancing and z losses (scope ``"global"``/``"sequence"``) sum their routing counts
+  over the whole world through a count reduction installed in ``setup`` (:mod:`lightning_moe.nn.reduce`),
+  so with them on too, N-rank training equals one process on the global batch;
 - checkpoints hold the full logical model (one file, gathered to rank 0) or a
   torch.distributed.checkpoint directory (``checkpoint="sharded"``), and reshard on resume.
 """
