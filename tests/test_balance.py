@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import run_script
 from lightning_moe import MoE
 from lightning_moe.nn import CountReduction, LocalCountReduction
 from lightning_moe.nn import functional as MF
+
+from launch import run_script
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 

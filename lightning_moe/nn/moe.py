@@ -15,12 +15,17 @@ from torch import Tensor, nn
 
 from lightning_moe.nn import functional as MF
 from lightning_moe.nn.dispatch import ExpertDispatcher, LocalDispatcher
-from lightning_moe.nn.experts import ACTIVATIONS, GroupedExperts, TemplateExperts
-from lightning_moe.nn.reduce import CountReduction, LocalCountReduction
+from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
+from lightning_moe.nn.options import ROUTERS as ROUTERS
+from lightning_moe.nn.options import validate_args, validate_published_options
+from lightning_moe.nn.reduce import (
+    CountReduction,
+    LocalCountReduction,
+    check_scope,
+    scoped_losses,
+    start_count_reduction,
+)
 from lightning_moe.nn.router import ExpertChoiceRouter, TokenChoiceRouter
-
-ROUTERS = ("token_choice", "expert_choice")
-AUX_LOSS_SCOPES = ("global", "local", "sequence")
 
 
 class MoE(nn.Module):
@@ -36,9 +41,13 @@ class MoE(nn.Module):
         num_experts: number of routed experts E.
         top_k: experts per token (token choice) or average experts per token (expert choice).
         hidden_dim: expert hidden width; default ``4 * dim``.
-        activation: ``"gelu" | "relu" | "silu" | "swiglu"``.
+        activation: ``"gelu" | "relu" | "silu" | "swiglu" | "swiglu_oai"`` (GPT-OSS's clamped SwiGLU,
+            see ``swiglu_alpha``/``swiglu_limit``).
         router: ``"token_choice" | "expert_choice"``.
-        score_func: ``"softmax" | "sigmoid"``.
+        score_func: ``"softmax" | "sigmoid" | "softmax_topk"``. ``"softmax_topk"`` (GPT-OSS, token
+            choice) chooses by logit and weights the chosen experts by a softmax over their k logits;
+            it equals ``"softmax"`` with ``normalize_weights=True`` for ``top_k > 1``, and gives weight
+            1.0 at ``top_k=1`` (Mixtral-style renormalisation).
         capacity_factor: None for dropless; a float > 0 gives each expert
             ``ceil(capacity_factor * T * top_k / E)`` slots and drops (and counts) what overflows.
             Expert choice uses it for its per-expert capacity (default 1.0).
@@ -53,6 +62,23 @@ class MoE(nn.Module):
         expert: optional template ``nn.Module`` (D -> D), deep-copied and re-initialised per expert.
         bias: give the stacked experts per-expert biases (as ``nn.Linear`` has).
         check_finite: raise ``FloatingPointError`` when router logits are not finite (costs a sync).
+        router_bias: give the router's gate a learned bias (logit offset per expert, GPT-OSS);
+            initialised to zero.
+        use_expert_bias: add the ``expert_bias`` buffer to the scores when choosing experts even
+            with ``bias_update_rate=0``: a fixed, loaded score correction (DeepSeek-V3's
+            ``e_score_correction_bias``). Selection only; weights come from the raw scores.
+        num_groups: > 1 enables group-limited routing (DeepSeek-V3 ``n_group``): the experts form
+            ``num_groups`` contiguous groups, each token picks its ``top_groups`` best groups (a group
+            scores the sum of its two best selection scores) and its ``top_k`` experts inside them.
+        top_groups: groups a token may use (DeepSeek-V3 ``topk_group``); needs ``num_groups > 1``.
+        routed_scaling_factor: multiplies the routed experts' weights after normalization
+            (DeepSeek-V3); shared experts are not scaled.
+        shared_expert_gate: scale the shared experts' output per token by ``sigmoid(x @ g)``, a
+            learned ``Linear(dim, 1, bias=False)`` (Qwen2-MoE); needs ``num_shared_experts > 0``.
+        shared_expert_hidden_dim: hidden width of the fused shared-experts MLP; default
+            ``num_shared_experts * hidden_dim``.
+        swiglu_alpha: ``activation="swiglu_oai"``: sigmoid slope (default 1.702).
+        swiglu_limit: ``activation="swiglu_oai"``: clamp of the gate and up projections (default 7.0).
         device: where to create parameters (``"meta"`` builds without memory).
         dtype: parameter dtype; the router still computes in float32.
         aux_loss_scope: which tokens the balancing loss and z-loss are means over in training (see
@@ -109,15 +135,28 @@ class MoE(nn.Module):
         expert: nn.Module | None = None,
         bias: bool = False,
         check_finite: bool = False,
+        router_bias: bool = False,
+        use_expert_bias: bool = False,
+        num_groups: int = 1,
+        top_groups: int = 1,
+        routed_scaling_factor: float = 1.0,
+        shared_expert_gate: bool = False,
+        shared_expert_hidden_dim: int | None = None,
+        swiglu_alpha: float | None = None,
+        swiglu_limit: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         aux_loss_scope: str = "global",
     ) -> None:
         super().__init__()
         hidden_dim = 4 * dim if hidden_dim is None and isinstance(dim, int) else hidden_dim
-        self._validate(dim, num_experts, top_k, hidden_dim, activation, router, score_func, capacity_factor,
-                       num_shared_experts, aux_loss_coef, z_loss_coef, bias_update_rate, router_jitter, expert)
-        self._validate_aux_loss_scope(aux_loss_scope, router)
+        name = type(self).__name__
+        validate_args(name, dim, num_experts, top_k, hidden_dim, activation, router, score_func, capacity_factor,
+                      num_shared_experts, aux_loss_coef, z_loss_coef, bias_update_rate, router_jitter, expert)
+        validate_published_options(name, num_experts, top_k, activation, router, score_func, num_shared_experts,
+                                   use_expert_bias, num_groups, top_groups, routed_scaling_factor, shared_expert_gate,
+                                   shared_expert_hidden_dim, swiglu_alpha, swiglu_limit)
+        check_scope(aux_loss_scope, router, type(self).__name__)
         self.aux_loss_scope = aux_loss_scope
         self.dim = dim
         self.num_experts = num_experts
@@ -134,26 +173,39 @@ class MoE(nn.Module):
         self.router_jitter = router_jitter
         self.normalize_weights = normalize_weights
         self.check_finite = check_finite
+        self.router_bias = router_bias
+        self.use_expert_bias = use_expert_bias
+        self.num_groups = num_groups
+        self.top_groups = top_groups
+        self.routed_scaling_factor = routed_scaling_factor
+        self.shared_expert_gate = shared_expert_gate
+        self.shared_expert_hidden_dim = (shared_expert_hidden_dim or hidden_dim * num_shared_experts
+                                         if num_shared_experts else None)
         self.layer_name: str | None = None  # set by MoELightningModule to the module path
         factory = {"device": device, "dtype": dtype}
+        swiglu = {"swiglu_alpha": swiglu_alpha, "swiglu_limit": swiglu_limit}
 
         if router == "token_choice":
             self.router: nn.Module = TokenChoiceRouter(
-                dim, num_experts, top_k, score_func, normalize_weights, router_jitter, bias_update_rate, **factory
+                dim, num_experts, top_k, score_func, normalize_weights, router_jitter, bias_update_rate,
+                bias=router_bias, use_expert_bias=use_expert_bias, num_groups=num_groups, top_groups=top_groups,
+                routed_scaling_factor=routed_scaling_factor, **factory
             )
         else:
             self.router = ExpertChoiceRouter(
-                dim, num_experts, top_k, capacity_factor or 1.0, score_func, router_jitter, **factory
+                dim, num_experts, top_k, capacity_factor or 1.0, score_func, router_jitter, bias=router_bias, **factory
             )
         if expert is None:
-            self.experts: nn.Module = GroupedExperts(num_experts, dim, hidden_dim, activation, bias=bias, **factory)
+            self.experts: nn.Module = GroupedExperts(num_experts, dim, hidden_dim, activation, bias=bias, **swiglu,
+                                                     **factory)
         else:
             self.experts = TemplateExperts(expert, num_experts)
         self.shared_experts = (
-            GroupedExperts(1, dim, hidden_dim * num_shared_experts, activation, bias=bias, **factory)
+            GroupedExperts(1, dim, self.shared_expert_hidden_dim, activation, bias=bias, **swiglu, **factory)
             if num_shared_experts
             else None
         )
+        self.shared_gate = nn.Linear(dim, 1, bias=False, **factory) if shared_expert_gate else None
         # Replaced from outside (expert_dispatcher) by the expert-parallel strategy; the layer knows no process group.
         self.dispatcher: ExpertDispatcher = LocalDispatcher()
         # Replaced from outside (count_reduction) by the strategy, for the global and sequence loss scopes.
@@ -176,49 +228,16 @@ class MoE(nn.Module):
         self._load_balancing_loss: Tensor | None = None
         self._z_loss: Tensor | None = None
 
-    def _validate(self, dim, num_experts, top_k, hidden_dim, activation, router, score_func, capacity_factor,
-                  num_shared_experts, aux_loss_coef, z_loss_coef, bias_update_rate, router_jitter, expert) -> None:
-        name = type(self).__name__
-        for arg, value in (("dim", dim), ("num_experts", num_experts), ("top_k", top_k), ("hidden_dim", hidden_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}: {arg}={value!r} must be a positive int")
-        if top_k > num_experts:
-            raise ValueError(f"{name}: top_k={top_k} must be <= num_experts={num_experts}; lower top_k or add experts")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{name}: activation={activation!r} must be one of {ACTIVATIONS}")
-        if router not in ROUTERS:
-            raise ValueError(f"{name}: router={router!r} must be one of {ROUTERS}")
-        if score_func not in MF.SCORE_FUNCS:
-            raise ValueError(f"{name}: score_func={score_func!r} must be one of {MF.SCORE_FUNCS}")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"{name}: capacity_factor={capacity_factor!r} must be > 0, or None for dropless routing")
-        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
-            raise ValueError(f"{name}: num_shared_experts={num_shared_experts!r} must be an int >= 0")
-        for arg, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef),
-                           ("bias_update_rate", bias_update_rate), ("router_jitter", router_jitter)):
-            if not value >= 0:
-                raise ValueError(f"{name}: {arg}={value!r} must be >= 0 (0 disables it)")
-        if router_jitter >= 1:
-            raise ValueError(f"{name}: router_jitter={router_jitter!r} must be < 1 (noise is U(1-eps, 1+eps))")
-        if router == "expert_choice" and bias_update_rate > 0:
-            raise ValueError(f"{name}: bias_update_rate={bias_update_rate} needs router='token_choice'; "
-                             "expert choice is balanced by construction")
-        if expert is not None and not isinstance(expert, nn.Module):
-            raise ValueError(f"{name}: expert={type(expert).__name__} must be an nn.Module mapping dim -> dim")
-
-    def _validate_aux_loss_scope(self, aux_loss_scope, router) -> None:
-        name = type(self).__name__
-        if aux_loss_scope not in AUX_LOSS_SCOPES:
-            raise ValueError(f"{name}: aux_loss_scope={aux_loss_scope!r} must be one of {AUX_LOSS_SCOPES}")
-        if aux_loss_scope == "sequence" and router != "token_choice":
-            raise ValueError(f"{name}: aux_loss_scope='sequence' needs router='token_choice': expert choice has no "
-                             "balancing loss (each expert fills its capacity); use 'global' or 'local', which "
-                             "decide the tokens its z-loss is a mean over")
-
     def extra_repr(self) -> str:
         drop = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
+        options = [f"{arg}={value!r}" for arg, value, default in (
+            ("router_bias", self.router_bias, False), ("use_expert_bias", self.use_expert_bias, False),
+            ("num_groups", self.num_groups, 1), ("top_groups", self.top_groups, 1),
+            ("routed_scaling_factor", self.routed_scaling_factor, 1.0),
+            ("shared_expert_gate", self.shared_expert_gate, False)) if value != default]
         return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, router={self.router_type!r}, "
-                f"score_func={self.score_func!r}, {drop}, num_shared_experts={self.num_shared_experts}")
+                f"score_func={self.score_func!r}, {drop}, num_shared_experts={self.num_shared_experts}"
+                + "".join(f", {o}" for o in options))
 
     def __getstate__(self) -> dict:
         # The last forward's losses are non-leaf tensors with a graph: copy.deepcopy and pickle
@@ -245,11 +264,7 @@ class MoE(nn.Module):
 
     @property
     def count_reduction(self) -> CountReduction:
-        """How the global and sequence scopes sum routing counts over ranks (a seam, installed from outside).
-
-        :class:`~lightning_moe.nn.reduce.LocalCountReduction` (nothing to sum) unless a strategy installed
-        another; setting None restores it.
-        """
+        """How the global/sequence scopes sum counts over ranks (installed from outside; None restores the local)."""
         return self._count_reduction
 
     @count_reduction.setter
@@ -337,9 +352,16 @@ class MoE(nn.Module):
         else:
             out_TD = self._expert_choice(x_TD, valid_T)
         if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD, [x_TD.shape[0]])
+            out_TD = out_TD + self._shared(x_TD)
         self.forward_count += 1
         return out_TD.reshape(x.shape)
+
+    def _shared(self, x_TD: Tensor) -> Tensor:
+        """Shared experts on every token, scaled by their sigmoid gate when ``shared_expert_gate``."""
+        y_TD = self.shared_experts(x_TD, [x_TD.shape[0]])
+        if self.shared_gate is not None:
+            y_TD = torch.sigmoid(self.shared_gate(x_TD)) * y_TD
+        return y_TD
 
     def _token_choice(self, x_TD: Tensor, valid_T: Tensor | None, seq_len: int) -> Tensor:
         num_tokens = x_TD.shape[0]
@@ -352,7 +374,7 @@ class MoE(nn.Module):
         # 1. Sort the T*K assignments (k-major) by expert; capacity drops overflow, deterministically.
         order_N, _, counts_E, kept_counts_E = MF.sort_by_expert(routing.top_ids_TK, self.num_experts, capacity)
         # Global/sequence scopes: the counts' sum over ranks travels while the experts run (waited in _set_losses).
-        pending_X = self._start_count_reduction(counts_E, num_routed, valid_T, num_tokens, seq_len)
+        pending_X = start_count_reduction(self._count_reduction, self._scope, counts_E, num_routed, valid_T, seq_len)
         # 2. Plan the dispatch. NOTE: the one host sync of the layer: per-expert counts size the expert
         # GEMMs (an expert-parallel dispatcher exchanges counts with its peers in the same sync).
         plan = self.dispatcher.plan(kept_counts_E)
@@ -381,7 +403,7 @@ class MoE(nn.Module):
         capacity = routing.token_ids_EC.shape[1]
         counts_E = routing.chosen_EC.sum(dim=1)
         num_routed = num_tokens if valid_T is None else valid_T.sum()
-        pending_X = self._start_count_reduction(counts_E, num_routed, valid_T, num_tokens, 1)
+        pending_X = start_count_reduction(self._count_reduction, self._scope, counts_E, num_routed, valid_T, 1)
         # Every expert fills its capacity (known on the host): a local plan needs no sync; an
         # expert-parallel one still exchanges counts (ranks' capacities differ with their token counts).
         kept_counts_E = torch.full_like(counts_E, capacity)
@@ -412,66 +434,25 @@ class MoE(nn.Module):
                 "check the layer input, lower the learning rate, or use NonFiniteGuard"
             )
 
-    def _start_count_reduction(self, counts_E: Tensor, num_routed: Tensor | int, valid_T: Tensor | None,
-                               num_tokens: int, seq_len: int) -> Tensor | None:
-        """Start summing ``[counts_E, routed tokens, routed sequences]`` over ranks (global/sequence scopes).
-
-        Returns the pending sum, or None where the losses are this rank's own: scope "local", eval mode
-        (evaluation never waits for peers; ranks may run different numbers of evaluation batches) or
-        a reduction over one rank. One collective per layer forward, asynchronous, no host sync.
-        """
-        reduction = self._count_reduction
-        if self.aux_loss_scope == "local" or not self.training or reduction.size == 1:
-            return None
-        with torch.no_grad():
-            routed = torch.as_tensor(num_routed, device=counts_E.device).view(1)
-            if self.aux_loss_scope != "sequence":
-                sequences = torch.zeros_like(routed)
-            elif valid_T is None:
-                sequences = torch.full_like(routed, num_tokens // seq_len if seq_len else 0)
-            else:
-                sequences = valid_T.view(-1, seq_len).any(dim=1).sum().view(1) if num_tokens else routed * 0
-            counts_X = torch.cat([counts_E, routed.to(counts_E.dtype), sequences.to(counts_E.dtype)])
-        return reduction.start(counts_X)
+    @property
+    def _scope(self) -> str:
+        # This rank's losses in eval mode (evaluation never waits for peers) and when nothing uses the sums
+        # (no loss, no bias balancing: the losses are 0 either way), so that neither costs a collective.
+        used = self.aux_loss_coef > 0 or self.z_loss_coef > 0 or self.bias_update_rate > 0
+        return self.aux_loss_scope if self.training and used else "local"
 
     def _set_losses(self, logits_TE: Tensor, valid_T: Tensor | None, counts_E: Tensor, num_routed: Tensor | int,
                     pending_X: Tensor | None, probs_TE: Tensor | None = None, top_ids_TK: Tensor | None = None,
                     seq_len: int = 1) -> None:
-        """Form this forward's balancing loss and z-loss (coefficients applied) and record the counts they used.
-
-        Without a pending reduction every mean is over this rank's routed tokens (sequences), W = 1.
-        With one, ``f_i`` and the divisors come from the global batch and the sums over tokens from this
-        rank, times W: the mean of the W ranks' losses is the global-batch loss, and its gradient (no
-        gradient flows through counts) is what data parallelism's averaging of dense gradients computes.
-        """
-        W, global_counts_E, tokens, sequences = 1, counts_E, num_routed, None
-        if pending_X is not None:
-            totals_X = self._count_reduction.wait(pending_X)
-            E = self.num_experts
-            W, global_counts_E = self._count_reduction.size, totals_X[:E]
-            tokens, sequences = totals_X[E], totals_X[E + 1]
-        z = MF.z_loss(logits_TE, valid_T, None if pending_X is None else tokens)
-        if probs_TE is None or top_ids_TK is None:  # expert choice: balanced by construction
-            balance = None
-        elif self.aux_loss_scope == "sequence":
-            S = seq_len
-            B = probs_TE.shape[0] // S if S else 0
-            valid_BS = None if valid_T is None else valid_T.view(B, S)
-            balance = MF.sequence_load_balancing_loss(probs_TE.view(B, S, -1), top_ids_TK.view(B, S, -1), valid_BS,
-                                                      sequences)
-        else:
-            balance = MF.load_balancing_loss(probs_TE, global_counts_E, tokens, self.top_k, valid_T)
-        if W != 1:
-            z = z * W
-            balance = None if balance is None else balance * W
-        z_loss = self.z_loss_coef * z
-        balance_loss = z_loss * 0 if balance is None else self.aux_loss_coef * balance
-        self._load_balancing_loss = balance_loss
-        self._z_loss = z_loss
-        self._aux_loss = balance_loss + z_loss
+        """Form this forward's losses by scope (coefficients applied) and record the counts they used."""
+        losses = scoped_losses(self._scope, self._count_reduction, pending_X, logits_TE, valid_T, counts_E, num_routed,
+                               self.top_k, probs_TE, top_ids_TK, seq_len)
+        z_loss = self.z_loss_coef * losses.z
+        balance_loss = z_loss * 0 if losses.balance is None else self.aux_loss_coef * losses.balance
+        self._load_balancing_loss, self._z_loss, self._aux_loss = balance_loss, z_loss, balance_loss + z_loss
         with torch.no_grad():
-            self.global_tokens_per_expert.copy_(global_counts_E)
-        self.reduced_over = W
+            self.global_tokens_per_expert.copy_(losses.global_counts_E)
+        self.reduced_over = losses.reduced_over
 
     @torch.no_grad()
     def _record(self, counts_E: Tensor, dropped: Tensor, num_routed, scores_TE: Tensor, valid_T) -> None:
