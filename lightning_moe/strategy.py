@@ -197,8 +197,9 @@ class MoEStrategy(DDPStrategy):
         Every rank trains on a different part of the batch (data x expert dims), so the sum spans the
         default group; the layers know no group (see :mod:`lightning_moe.nn.reduce`). Removed in teardown.
         """
-        if self.world_size > 1:
-            install_count_reduction(self.lightning_module, dist.group.WORLD)
+        module = self.lightning_module
+        if module is not None and self.world_size > 1:
+            install_count_reduction(module, dist.group.WORLD)
 
     def _broadcast_experts(self, layer) -> None:
         # DDP broadcasts rank 0's dense weights; experts are outside DDP, so do the same for them.

@@ -115,6 +115,12 @@ class MoE(nn.Module):
         >>> int(layer.tokens_per_expert.sum())
         12
     """
+    # Per-forward stats, registered as non-persistent buffers in __init__ (annotated for type checkers).
+    tokens_per_expert: Tensor
+    dropped_tokens: Tensor
+    routed_tokens: Tensor
+    router_entropy: Tensor
+    global_tokens_per_expert: Tensor
 
     def __init__(
         self,
