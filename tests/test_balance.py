@@ -212,12 +212,16 @@ def test_training_forward_records_the_summed_counts():
     assert layer.tokens_per_expert.sum() < layer.global_tokens_per_expert.sum()
 
 
-def test_eval_mode_and_local_scope_reduce_nothing():
+def test_eval_mode_local_scope_and_unused_losses_reduce_nothing():
     layer = MoE(8, 4, hidden_dim=16)
     layer.count_reduction = Refusing(2)
     x, mask = _batch()
     layer.eval()(x, padding_mask=mask)  # evaluation never waits for peers
     assert layer.reduced_over == 1
+    silent = MoE(8, 4, hidden_dim=16, aux_loss_coef=0.0, z_loss_coef=0.0)  # nothing uses the sums
+    silent.count_reduction = Refusing(2)
+    silent(x, padding_mask=mask)
+    assert float(silent.aux_loss) == 0.0
     layer.train()
     layer.aux_loss_scope = "local"
     layer(x, padding_mask=mask)
@@ -308,7 +312,7 @@ def test_two_ranks_global_and_sequence_scopes_match_one_process(two_ranks):
 
 
 @pytest.mark.distributed
-def test_installed_reduction_survives_deepcopy_and_is_removed_after_fit(two_ranks):
+def test_a_layer_with_an_installed_reduction_deep_copies(two_ranks):
     _, results = two_ranks
     assert results["global_ep1"]["deepcopy"] == "ok"  # a copied layer sums over the same group
 
