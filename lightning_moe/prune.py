@@ -138,7 +138,7 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> Remap:
 
     # 3. Layer: size, stat buffers, top_k.
     layer.num_experts = k
-    for attr in ("tokens_per_expert",):
+    for attr in ("tokens_per_expert", "global_tokens_per_expert"):
         shrink_buffer(layer, attr)
     if layer.top_k > k:
         rank_zero_warn(f"ExpertPruning: layer {name} keeps {k} experts < top_k={layer.top_k}; top_k is now {k}")

@@ -333,3 +333,14 @@ def test_strategy_equivalence_with_default_coefficients(tmp_path):
     # The losses are on and matter: without them training ends elsewhere.
     assert _max_diff(ep_reference_train().state_dict(), expected) > 1e-4
     assert Model(aux_losses=True).net.moe1.aux_loss_coef == 1e-2
+
+
+def test_pruned_layer_records_global_counts_of_its_new_size():
+    from lightning_moe.prune import remove_experts
+
+    layer = MoE(8, 4, top_k=2, hidden_dim=16)
+    remove_experts(layer, torch.tensor([0, 2, 3]))
+    x, mask = _batch()
+    layer(x, padding_mask=mask)
+    assert layer.global_tokens_per_expert.shape == (3,)
+    assert torch.equal(layer.global_tokens_per_expert, layer.tokens_per_expert)
