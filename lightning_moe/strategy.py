@@ -103,6 +103,7 @@ class MoEStrategy(DDPStrategy):
         self._device_mesh = None
         self._trainer: pl.Trainer | None = None
         self._released_layouts: dict[int, OptimizerLayout] = {}
+        self._pending_grads = gradients.PendingReduction()  # manual optimization: reduced at the step
 
     # ------------------------------------------------------------------------------------------
     # Mesh and groups
@@ -184,6 +185,8 @@ class MoEStrategy(DDPStrategy):
         if ep > 1:
             # Norm clipping must see the norm of the whole model, experts of every rank included.
             self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
+        self._pending_grads.clear()
+        self.precision_plugin.clip_gradients = self._clip_gradients  # manual optimization: reduce, then clip
         super().setup(trainer)
 
     def _broadcast_experts(self, layer) -> None:
@@ -201,6 +204,7 @@ class MoEStrategy(DDPStrategy):
         module = self.lightning_module
         healthy = self._trainer is None or self._trainer.state.status != TrainerStatus.INTERRUPTED
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+        self.precision_plugin.__dict__.pop("clip_gradients", None)
         if module is not None and self._checkpoint == "full" and healthy and dist.is_initialized():
             layout = self._layout()
             if layout.shards:
@@ -223,11 +227,35 @@ class MoEStrategy(DDPStrategy):
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
+        module = self.lightning_module
+        if module is not None and not module.automatic_optimization:
+            # manual_backward may run several times a step: reduce once, before the clip or the step.
+            self._pending_grads.mark(expert_parameters(module))
+            return
         if isinstance(self.model, DistributedDataParallel) and not self.model.require_backward_grad_sync:
             return  # accumulating: DDP does not sync this micro-batch either
         self.reduce_expert_gradients()
 
-    def reduce_expert_gradients(self) -> None:
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        self._reduce_pending(optimizer)
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    def _clip_gradients(self, optimizer: Optimizer, clip_val: float = 0.0, gradient_clip_algorithm: Any = None) -> None:
+        # Installed on the precision plugin: LightningModule.clip_gradients under manual optimization
+        # must clip reduced expert gradients.
+        self._reduce_pending(optimizer)
+        plugin = self.precision_plugin
+        args = (clip_val,) if gradient_clip_algorithm is None else (clip_val, gradient_clip_algorithm)
+        type(plugin).clip_gradients(plugin, optimizer, *args)
+
+    def _reduce_pending(self, optimizer: Optimizer) -> None:
+        held = {id(p) for group in _unwrap(optimizer).param_groups for p in group["params"]}
+        params = self._pending_grads.take([p for p in expert_parameters(self.lightning_module) if id(p) in held])
+        if params:
+            self.reduce_expert_gradients(params)
+
+    def reduce_expert_gradients(self, params: list[Tensor] | None = None) -> None:
         """Turn each rank's expert gradients into those of single-process training on the global batch.
 
         After backward, a rank's expert gradient is the sum over the ranks of its expert group
@@ -236,8 +264,13 @@ class MoEStrategy(DDPStrategy):
         world size gives ``d(mean of the per-rank losses)/dW``, as for dense parameters. Runs after
         the last backward of an optimizer step, before gradient clipping and the step
         (:func:`lightning_moe.distributed.gradients.reduce_expert_gradients`).
+
+        Args:
+            params: the expert parameters to reduce (default: every trainable one); the same on every rank.
         """
-        params = [p for p in expert_parameters(self.lightning_module) if p.requires_grad]
+        if params is None:
+            params = expert_parameters(self.lightning_module)
+        params = [p for p in params if p.requires_grad]
         if not params or self.world_size == 1:
             return
         gradients.reduce_expert_gradients(params, self.expert_data_group, self.world_size, self.root_device)

@@ -109,6 +109,31 @@ def agree_on_nonfinite(params: Sequence[Tensor], device: torch.device, fallback:
             target.grad.fill_(float("nan"))
 
 
+class PendingReduction:
+    """Expert parameters whose gradients changed since their last reduction (manual optimization).
+
+    Reducing after every ``manual_backward`` would rescale the contributions of earlier backward calls
+    of the same step again (the reduction divides by the world size). The strategy marks parameters
+    after each backward and :meth:`take` hands those of one optimizer over right before it clips or
+    steps, so each optimizer step reduces exactly once. Every rank marks and takes in the same order.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[int, Tensor] = {}  # id -> parameter, in marking order
+
+    def mark(self, params: Iterable[Tensor]) -> None:
+        """Remember ``params`` as holding unreduced gradient contributions."""
+        for p in params:
+            self._pending[id(p)] = p
+
+    def take(self, params: Iterable[Tensor]) -> list[Tensor]:
+        """Those of ``params`` (in their order) still to reduce; they are no longer pending afterwards."""
+        return [p for p in params if self._pending.pop(id(p), None) is not None]
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+
 def buckets(tensors: list[Tensor], bucket_numel: int = BUCKET_NUMEL) -> list[list[Tensor]]:
     """Consecutive same-dtype groups of at most ``bucket_numel`` elements (one oversize tensor alone)."""
     out: list[list[Tensor]] = []
