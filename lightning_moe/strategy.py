@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -161,7 +161,9 @@ class MoEStrategy(DDPStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._trainer = trainer
-        self._released_layouts = {}
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:  # new optimizers; test/validate/predict keep fit's (and the layout of their state)
+            self._released_layouts = {}
         module = self.lightning_module
         assert module is not None
         layers = find_moe_layers(module)
@@ -203,12 +205,14 @@ class MoEStrategy(DDPStrategy):
     def teardown(self) -> None:
         module = self.lightning_module
         healthy = self._trainer is None or self._trainer.state.status != TrainerStatus.INTERRUPTED
+        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
         self.precision_plugin.__dict__.pop("clip_gradients", None)
         if module is not None and self._checkpoint == "full" and healthy and dist.is_initialized():
             layout = self._layout()
-            if layout.shards:
-                # Optimizers still hold per-rank expert states: remember how, for a save after fit.
+            if layout.shards and fitting:
+                # Optimizers still hold per-rank expert states: remember how, for a save after fit. Only
+                # fit's teardown: a later stage shards the model into new parameters the optimizers never saw.
                 self._released_layouts = {
                     id(_unwrap(o)): OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers
                 }
@@ -321,10 +325,10 @@ class MoEStrategy(DDPStrategy):
         if self._checkpoint == "sharded":
             olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
             return sharded_checkpoint.sharded_optimizer_state(optimizer, olayout, self._device_mesh)
-        if layout.shards:
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
-        elif id(optimizer) in self._released_layouts:  # saved after fit: the model is whole again, the optimizer not
+        if id(optimizer) in self._released_layouts:  # saved after fit: the optimizer holds fit's expert shards
             olayout = self._released_layouts[id(optimizer)]
+        elif layout.shards:
+            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
         else:
             return optimizer.state_dict()
         group, member, is_dst = self._gather_args()

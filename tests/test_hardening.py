@@ -43,3 +43,29 @@ def test_manual_optimization_reduces_expert_gradients_once_per_step(tmp_path, cl
     assert [r["steps"] for r in run.results] == [5, 5]
     expected = reference_train(clip=clip).state_dict()
     assert _max_diff(torch.load(tmp_path / "manual.pt", weights_only=True), expected) < TOL
+
+
+# -- defect 3 ------------------------------------------------------------------------------------------------
+
+
+def _assert_same_optimizer_state(saved: dict, expected: dict, tol: float = 0.0) -> None:
+    assert saved["param_groups"][0]["params"] == expected["param_groups"][0]["params"]
+    assert set(saved["state"]) == set(expected["state"])
+    for idx, st in expected["state"].items():
+        assert set(saved["state"][idx]) == set(st), idx
+        for key, value in st.items():
+            assert saved["state"][idx][key].shape == value.shape, (idx, key)
+            assert (saved["state"][idx][key].float() - value.float()).abs().max() <= tol, (idx, key)
+
+
+@pytest.mark.distributed
+def test_save_after_test_validate_predict_keeps_every_experts_optimizer_state(tmp_path):
+    """fit with Adam at ep=2, then save; test, save; validate + predict, save: the three optimizer states are the
+    same, and each holds every expert's moments as one process on the global batch has them."""
+    _scenario("save_after_stages", tmp_path)
+    ckpts = [torch.load(tmp_path / f"after_{stage}.ckpt", weights_only=True)["optimizer_states"][0]
+             for stage in ("fit", "test", "predict")]
+    reference = reference_train(adam=True).reference_optimizer.state_dict()
+    _assert_same_optimizer_state(ckpts[0], reference, tol=1e-4)
+    for later in ckpts[1:]:
+        _assert_same_optimizer_state(later, ckpts[0])

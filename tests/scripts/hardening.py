@@ -69,7 +69,27 @@ def manual() -> None:
     write_result({"steps": tr.global_step}, rank=tr.global_rank)
 
 
-SCENARIOS = {"manual": manual}
+# -- defect 3: a save after test / validate / predict ---------------------------------------------------------
+
+
+def save_after_stages() -> None:
+    """fit with Adam at ep=2, save; test, save; validate and predict, save: three equal checkpoints."""
+    from ep_models import Model, eval_loader
+
+    model = Model(adam=True, lr=0.01)
+    tr = trainer()
+    tr.fit(model)
+    tr.save_checkpoint(out_dir() / "after_fit.ckpt")
+    rank, world = tr.global_rank, tr.world_size
+    tr.test(model, dataloaders=eval_loader(rank, world), verbose=False)
+    tr.save_checkpoint(out_dir() / "after_test.ckpt")
+    tr.validate(model, dataloaders=eval_loader(rank, world), verbose=False)
+    tr.predict(model, dataloaders=eval_loader(rank, world))
+    tr.save_checkpoint(out_dir() / "after_predict.ckpt")
+    write_result({"steps": tr.global_step}, rank=rank)
+
+
+SCENARIOS = {"manual": manual, "save_after_stages": save_after_stages}
 
 
 def body() -> None:
