@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_moe.distributed.expert_parallel import expert_shard, shard_moe_layer, unshard_moe_layer
 from lightning_moe.distributed.gather import gather_experts
+from lightning_moe.distributed.shard_layout import is_per_expert
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
 from lightning_moe.nn.moe import MoE
 
@@ -184,7 +185,7 @@ def remove_sharded_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Se
             state, gathered = {}, set()
             for key in sorted(optimizer.state[p]):
                 value = optimizer.state[p][key]
-                if isinstance(value, Tensor) and value.shape == p.shape:
+                if is_per_expert(value, p.shape[0]):  # moments, factored (Adafactor) states: one row per expert
                     value = gather_experts(value, group)
                     gathered.add(key)
                 state[key] = value
@@ -235,8 +236,7 @@ def remap_optimizers(optimizers: Sequence[torch.optim.Optimizer], remap: Remap) 
                     optimizer.state[new] = state
                 elif state:
                     optimizer.state[new] = {
-                        key: value.index_select(0, rows).clone()
-                        if isinstance(value, Tensor) and value.shape == old.shape else value
+                        key: value.index_select(0, rows).clone() if is_per_expert(value, old.shape[0]) else value
                         for key, value in state.items()
                     }
                 params.append(new)

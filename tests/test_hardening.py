@@ -15,7 +15,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
-from ep_models import reference_train  # noqa: E402
+from hardening import DEAD, REVIVE, optimizer_model  # noqa: E402
+
+from lightning_moe.strategy import consolidate_checkpoint  # noqa: E402
+
+from ep_models import make_data, reference_train  # noqa: E402
 from launch import run_script  # noqa: E402
 
 TOL = 1e-5
@@ -69,3 +73,95 @@ def test_save_after_test_validate_predict_keeps_every_experts_optimizer_state(tm
     _assert_same_optimizer_state(ckpts[0], reference, tol=1e-4)
     for later in ckpts[1:]:
         _assert_same_optimizer_state(later, ckpts[0])
+
+
+# -- defect 4 ------------------------------------------------------------------------------------------------
+
+
+def _expected_full_state(dumps: list[dict], names: list[str]) -> dict[int, dict]:
+    """The unsharded optimizer state assembled from each rank's local state (``hardening.dump_local_...``)."""
+    full = {}
+    for idx, name in enumerate(names):
+        held = [d[name] for d in dumps if name in d]
+        if not held:
+            continue  # no state anywhere: the parameter never had a gradient
+        if len(held) == 1 or held[0][0] < 0:  # a template expert (one owner) or a dense parameter (replicated)
+            full[idx] = held[0][1]
+            continue
+        held.sort(key=lambda entry: entry[0])  # stacked experts: rows of every rank, in expert order
+        local = {k: v for k, v in held[0][1].items()}
+        rows = next(v.shape[0] for v in local.values() if v.ndim)
+        full[idx] = {k: torch.cat([h[1][k] for h in held]) if v.ndim and v.shape[0] == rows else v
+                     for k, v in local.items()}
+    return full
+
+
+def _assert_equal_states(saved: dict[int, dict], expected: dict[int, dict], names: list[str]) -> None:
+    assert sorted(saved) == sorted(expected), sorted({names[i] for i in set(saved) ^ set(expected)})
+    for idx, state in expected.items():
+        assert sorted(saved[idx]) == sorted(state), names[idx]
+        for key, value in state.items():
+            assert torch.equal(saved[idx][key], value), (names[idx], key)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("optimizer", "checkpoint"), [("adam", "full"), ("adafactor", "full"),
+                                                       ("adafactor", "sharded")])
+def test_checkpoints_hold_every_experts_optimizer_state(tmp_path, optimizer, checkpoint):
+    """ep=2 with a template expert that gets no token before step 2 (no state on its rank), Adam or Adafactor
+    (factored states of another shape than the parameter): the full checkpoints at step 2, at step 4 and after fit
+    hold exactly what the owning ranks hold, per expert (a sharded directory once consolidated); a resume from
+    step 2 ends on the uninterrupted weights; the file steps an unsharded optimizer in one process."""
+    _scenario("optimizer_states", tmp_path, optimizer=optimizer, checkpoint=checkpoint)
+
+    def load(name: str) -> dict:
+        if checkpoint == "sharded":
+            return consolidate_checkpoint(tmp_path / name)
+        return torch.load(tmp_path / name, weights_only=True)
+
+    model = optimizer_model(optimizer)
+    names = [n for n, _ in model.named_parameters()]
+    dead = [i for i, n in enumerate(names) if n.startswith(f"net.moe2.experts.experts.{DEAD}.")]
+    for step, files in ((REVIVE, [f"step{REVIVE}.ckpt"]), (4, ["step4.ckpt", "final.ckpt"])):
+        dumps = [torch.load(tmp_path / f"local_step{step}_rank{r}.pt", weights_only=True) for r in range(2)]
+        expected = _expected_full_state(dumps, names)
+        assert dead and (step == REVIVE) == (not set(dead) & set(expected))  # starved until REVIVE, then stepped
+        for name in files:
+            saved = load(name)["optimizer_states"][0]
+            _assert_equal_states(saved["state"], expected, names)
+    if optimizer == "adam":  # the revived expert took 2 steps, the others 4: steps are per expert
+        assert {float(expected[i]["step"]) for i in dead} == {4.0 - REVIVE}
+        assert float(expected[0]["step"]) == 4.0
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    uninterrupted = torch.load(tmp_path / "uninterrupted.pt", weights_only=True)
+    assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
+
+    ckpt = load("final.ckpt")
+    model.load_state_dict(ckpt["state_dict"])
+    opt = model.configure_optimizers()
+    opt.load_state_dict(ckpt["optimizer_states"][0])
+    x, y = make_data(1)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_expert_removal_keeps_factored_optimizer_state_per_expert():
+    """Adafactor's factored states of stacked experts (row_var [E, D, 1], col_var [E, 1, H]) follow the kept
+    experts, like the moments; the optimizer then steps the pruned layer."""
+    from lightning_moe import MoE
+    from lightning_moe.prune import remap_optimizers, remove_experts
+
+    torch.manual_seed(0)
+    layer = MoE(8, 4, top_k=2, hidden_dim=16)
+    opt = torch.optim.Adafactor(layer.parameters(), lr=0.01)
+    layer(torch.randn(16, 8)).pow(2).mean().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[layer.experts.w1].items()}
+    remap_optimizers([opt], remove_experts(layer, torch.tensor([1, 3])))
+    after = opt.state[layer.experts.w1]
+    assert torch.equal(after["row_var"], before["row_var"][[1, 3]])
+    assert torch.equal(after["col_var"], before["col_var"][[1, 3]])
+    opt.zero_grad()
+    layer(torch.randn(16, 8)).pow(2).mean().backward()
+    opt.step()

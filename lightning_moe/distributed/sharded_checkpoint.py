@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_moe.distributed.expert_parallel import ExpertShard
-from lightning_moe.distributed.shard_layout import GROUPED, OptimizerLayout, ShardLayout
+from lightning_moe.distributed.shard_layout import GROUPED, OptimizerLayout, ShardLayout, is_per_expert
 
 META_FILENAME = "meta.pt"
 
@@ -55,9 +55,8 @@ def sharded_optimizer_state(optimizer: Optimizer, olayout: OptimizerLayout, mesh
     for idx, st in local["state"].items():
         name = olayout.local_names[idx]
         kind, shard, _, _ = layout.classify(name)
-        param = olayout.params[idx]
-        state[layout.logical_name(name)] = {
-            k: _dtensor(v, shard, mesh) if kind == GROUPED and isinstance(v, Tensor) and v.shape == param.shape else v
+        state[layout.logical_name(name)] = {  # per-expert rows (factored states too) shard with the experts
+            k: _dtensor(v, shard, mesh) if kind == GROUPED and is_per_expert(v, shard.num_local) else v
             for k, v in st.items()
         }
     return {"state": state, "param_groups": olayout.param_groups(local["param_groups"], key=str)}

@@ -89,7 +89,89 @@ def save_after_stages() -> None:
     write_result({"steps": tr.global_step}, rank=rank)
 
 
-SCENARIOS = {"manual": manual, "save_after_stages": save_after_stages}
+# -- defect 4: optimizer-state gathering ---------------------------------------------------------------------
+
+DEAD, REVIVE = 3, 2  # template expert 3 of net.moe2 (on rank 1 at ep=2) gets no token before step 2
+
+
+def optimizer_model(optimizer: str):
+    """ep_models.Model with Adam (large eps) or Adafactor, and expert biases (used to starve an expert)."""
+    from ep_models import Model
+
+    class OptimizerModel(Model):
+        def configure_optimizers(self):
+            if optimizer == "adafactor":
+                return torch.optim.Adafactor(self.parameters(), lr=0.01)
+            return torch.optim.Adam(self.parameters(), lr=0.01, eps=1e-3)
+
+    return OptimizerModel(bias_update_rate=1e-3)  # the rate only enables expert_bias; nothing updates it
+
+
+def starve_callback():
+    """Sets ``expert_bias[DEAD] = -1e4`` in net.moe2 before steps < REVIVE (no token reaches it), 0 after."""
+    import lightning.pytorch as L
+
+    class Starve(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            bias = pl_module.net.moe2.router.expert_bias
+            bias.zero_()
+            if trainer.global_step < REVIVE:
+                bias[DEAD] = -1e4
+
+    return Starve()
+
+
+def dump_local_optimizer_state(strategy, module, optimizer) -> dict:
+    """This rank's optimizer state by logical parameter name: ``{name: (first expert row or -1, {key: value})}``."""
+    from lightning_moe.distributed.shard_layout import GROUPED, OptimizerLayout
+
+    layout = strategy._layout()
+    olayout = OptimizerLayout(optimizer, module, layout)
+    out = {}
+    for idx, name in enumerate(olayout.local_names):
+        state = optimizer.state.get(olayout.params[idx])
+        if state is None:
+            continue
+        kind, shard, _, _ = layout.classify(name)
+        out[layout.logical_name(name)] = (shard.offset if kind == GROUPED else -1, dict(state))
+    return out
+
+
+def optimizer_states() -> None:
+    """Adam or Adafactor at ep=2 with a starved template expert: checkpoints (``checkpoint`` format) at steps 2
+    and 4 and a save after fit, each rank's local optimizer state at those steps, then a resume from step 2."""
+    import lightning.pytorch as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import lightning_moe as lmoe
+
+    steps = 4
+
+    class Dump(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step in (REVIVE, steps):
+                state = dump_local_optimizer_state(trainer.strategy, pl_module, trainer.optimizers[0])
+                torch.save(state, out_dir() / f"local_step{trainer.global_step}_rank{trainer.global_rank}.pt")
+
+    model = optimizer_model(PARAMS["optimizer"])
+    ckpt = ModelCheckpoint(dirpath=out_dir(), filename="step{step}", every_n_train_steps=REVIVE, save_top_k=-1,
+                           auto_insert_metric_name=False)
+    strategy = lmoe.MoEStrategy(checkpoint=PARAMS.get("checkpoint", "full"))
+    tr = trainer(max_steps=steps, strategy=strategy, callbacks=[starve_callback(), Dump(), ckpt],
+                 enable_checkpointing=True)
+    tr.fit(model)
+    tr.save_checkpoint(out_dir() / "final.ckpt")
+    save_state(tr, model, "uninterrupted")
+
+    model = optimizer_model(PARAMS["optimizer"])
+    strategy = lmoe.MoEStrategy(checkpoint=PARAMS.get("checkpoint", "full"))
+    tr = trainer(max_steps=steps, strategy=strategy, callbacks=[starve_callback()])
+    tr.fit(model, ckpt_path=out_dir() / f"step{REVIVE}.ckpt")
+    save_state(tr, model, "resumed")
+    write_result({"steps": tr.global_step}, rank=tr.global_rank)
+
+
+SCENARIOS = {"manual": manual, "save_after_stages": save_after_stages, "optimizer_states": optimizer_states}
 
 
 def body() -> None:
