@@ -165,3 +165,19 @@ def test_expert_removal_keeps_factored_optimizer_state_per_expert():
     opt.zero_grad()
     layer(torch.randn(16, 8)).pow(2).mean().backward()
     opt.step()
+
+
+# -- defect 5 ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+def test_low_rank_experts_defaults_agree_on_the_rank_under_expert_parallelism(tmp_path):
+    """LowRankExperts() picks each weight's rank by energy: rank 0's experts need 2, rank 1's 3. The ranks agree
+    (on 3) before factoring, the test and the gather after it complete, and every rank ends with the model one
+    process gets from low_rank_experts."""
+    run = _scenario("low_rank", tmp_path, timeout=180)
+    for result in run.results:
+        assert result["ranks"] == result["reference_ranks"] == {"w1": 3, "w2": 3}
+        assert result["num_experts"] == 4
+    state = torch.load(tmp_path / "low_rank.pt", weights_only=True)
+    assert _max_diff(state, torch.load(tmp_path / "low_rank_reference.pt", weights_only=True)) < TOL

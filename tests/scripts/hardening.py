@@ -171,7 +171,44 @@ def optimizer_states() -> None:
     write_result({"steps": tr.global_step}, rank=tr.global_rank)
 
 
-SCENARIOS = {"manual": manual, "save_after_stages": save_after_stages, "optimizer_states": optimizer_states}
+# -- defect 5: LowRankExperts() under expert parallelism ------------------------------------------------------
+
+
+@torch.no_grad()
+def set_spectra(bank, ranks: list[int]) -> None:
+    """Give expert e of a stacked bank ``ranks[e]`` equal singular values (energy=0.9 then needs them all)."""
+    g = torch.Generator().manual_seed(5)
+    for name in ("w1", "w2"):
+        w = getattr(bank, name)
+        for e, r in enumerate(ranks):
+            u = torch.linalg.qr(torch.randn(w.shape[1], r, generator=g)).Q
+            v = torch.linalg.qr(torch.randn(w.shape[2], r, generator=g)).Q
+            w[e] = u @ v.T
+
+
+def low_rank() -> None:
+    """LowRankExperts() with defaults before test at ep=2, rank 0's experts of rank 2, rank 1's of rank 3."""
+    import copy
+
+    from lightning_moe.callbacks import LowRankExperts
+    from lightning_moe.compress import low_rank_experts
+
+    from ep_models import Model, eval_loader
+
+    model = Model()
+    set_spectra(model.net.moe1.experts, [2, 2, 3, 3])
+    reference = copy.deepcopy(model)
+    low_rank_experts(reference)  # one process, every expert: the rank that keeps 90% of each expert's energy
+    tr = trainer(callbacks=[LowRankExperts()])
+    tr.test(model, dataloaders=eval_loader(tr.global_rank, tr.world_size), verbose=False)
+    save_state(tr, model, "low_rank")
+    save_state(tr, reference, "low_rank_reference")
+    write_result({"ranks": model.net.moe1.experts.ranks, "reference_ranks": reference.net.moe1.experts.ranks,
+                  "num_experts": model.net.moe1.experts.num_experts}, rank=tr.global_rank)
+
+
+SCENARIOS = {"manual": manual, "save_after_stages": save_after_stages, "optimizer_states": optimizer_states,
+             "low_rank": low_rank}
 
 
 def body() -> None:
