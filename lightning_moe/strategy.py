@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_moe import _compat
+from lightning_moe import _compat, prune
 from lightning_moe.distributed import full_checkpoint, gradients, launcher, sharded_checkpoint
 from lightning_moe.distributed.expert_parallel import (
     check_expert_parallel_size,
@@ -190,6 +190,24 @@ class MoEStrategy(DDPStrategy):
         self._pending_grads.clear()
         self.precision_plugin.clip_gradients = self._clip_gradients  # manual optimization: reduce, then clip
         super().setup(trainer)
+
+    @override
+    def configure_ddp(self) -> None:
+        # Expert names change after setup (magnitude pruning turns w1 into w1_orig + w1_mask, expert pruning
+        # replaces parameters): every (re-)wrap keeps the experts' current names out of DDP.
+        module = self.lightning_module
+        _compat.set_ddp_ignored_names(module, sorted(set(_compat.ddp_ignored_names(module))
+                                                     | set(expert_state_names(module))))
+        super().configure_ddp()
+
+    def _shrink_to_saved(self, shapes: Mapping[str, Any]) -> None:
+        # A checkpoint written after ExpertPruning holds fewer experts: shrink (and re-shard) those layers
+        # before reading their slices, with the optimizers following the new parameters; then re-wrap DDP.
+        optimizers = [_unwrap(o) for o in self.optimizers]
+        if prune.shrink_to_saved(self.lightning_module, prune.saved_expert_counts(shapes), optimizers):
+            if isinstance(self.model, DistributedDataParallel):
+                self.model = self.lightning_module
+                self.configure_ddp()
 
     def _broadcast_experts(self, layer) -> None:
         # DDP broadcasts rank 0's dense weights; experts are outside DDP, so do the same for them.
@@ -357,6 +375,7 @@ class MoEStrategy(DDPStrategy):
         if not sharded_checkpoint.is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only=weights_only)
         module = self.lightning_module
+        self._shrink_to_saved(sharded_checkpoint.saved_model_shapes(path))
         layout = self._layout()
         olayouts = [OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers]
         return sharded_checkpoint.load_sharded(path, module.state_dict(), olayouts, layout, self._device_mesh,
@@ -365,6 +384,7 @@ class MoEStrategy(DDPStrategy):
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module
+        self._shrink_to_saved({k: v.shape for k, v in checkpoint["state_dict"].items() if isinstance(v, Tensor)})
         state = local_model_state(checkpoint["state_dict"], module.state_dict(), self._layout())
         module.load_state_dict(state, strict=strict)
 

@@ -181,3 +181,87 @@ def test_low_rank_experts_defaults_agree_on_the_rank_under_expert_parallelism(tm
         assert result["num_experts"] == 4
     state = torch.load(tmp_path / "low_rank.pt", weights_only=True)
     assert _max_diff(state, torch.load(tmp_path / "low_rank_reference.pt", weights_only=True)) < TOL
+
+
+# -- defect 6 ------------------------------------------------------------------------------------------------
+
+
+def _pruned_fit(tmp_path: Path, epochs: int, ckpt_path: Path | None = None, monitor=None):
+    """TinyMoE (8 experts, Adam) pruned to 4 at the end of epoch 0; a checkpoint at the end of every epoch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_moe.callbacks import ExpertPruning
+
+    from helpers import RegressionData, TinyMoE, make_trainer
+
+    torch.manual_seed(0)
+    model = TinyMoE(num_experts=8, optimizer="adam", lr=0.01)
+    pruning = ExpertPruning(keep=4, at_epoch=0)
+    callbacks = [pruning, ModelCheckpoint(dirpath=tmp_path, filename="epoch{epoch}", save_top_k=-1,
+                                          auto_insert_metric_name=False)] + ([monitor] if monitor else [])
+    trainer = make_trainer(max_steps=-1, max_epochs=epochs, callbacks=callbacks, enable_checkpointing=True,
+                           default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=RegressionData(n=32, offset=1.5), ckpt_path=ckpt_path)
+    return model, pruning
+
+
+def test_checkpoint_after_expert_pruning_resumes_and_loads(tmp_path):
+    """A checkpoint written after ExpertPruning (8 -> 4 experts) resumes into a fresh 8-expert model, which ends
+    on the weights of an uninterrupted run, and loads with load_from_checkpoint in a fresh process's way."""
+    from helpers import TinyMoE
+
+    uninterrupted, pruning = _pruned_fit(tmp_path / "a", epochs=3)
+    assert all(layer.num_experts == 4 for layer in uninterrupted.layers)
+    resumed, resumed_pruning = _pruned_fit(tmp_path / "b", epochs=3, ckpt_path=tmp_path / "a" / "epoch1.ckpt")
+    assert resumed_pruning.kept == pruning.kept
+    state = resumed.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in uninterrupted.state_dict().items())
+
+    loaded = TinyMoE.load_from_checkpoint(tmp_path / "a" / "epoch2.ckpt", weights_only=True)
+    assert [layer.num_experts for layer in loaded.layers] == [4, 4]
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in uninterrupted.state_dict().items())
+    x = torch.randn(5, 8)
+    assert torch.equal(loaded(x), uninterrupted(x))
+
+
+def test_expert_load_monitor_follows_expert_pruning(tmp_path):
+    """ExpertLoadMonitor across ExpertPruning (8 -> 4 experts at the end of epoch 0, 4 steps an epoch): the window
+    before pruning is drawn with 8 experts, the later ones with 4."""
+    pytest.importorskip("matplotlib")
+    from lightning_moe.callbacks import ExpertLoadMonitor
+
+    class Recording(ExpertLoadMonitor):
+        def render(self, names, counts, dropped_share, step):
+            self.renders = [*getattr(self, "renders", []), (step, [c.numel() for c in counts], int(counts[0].sum()))]
+            return super().render(names, counts, dropped_share, step)
+
+    monitor = Recording(every_n_steps=3, figsize=(4, 2), dpi=30)
+    _pruned_fit(tmp_path, epochs=2, monitor=monitor)
+    steps = [step for step, _, _ in monitor.renders]
+    sizes = [size for _, size, _ in monitor.renders]
+    assert steps == [3, 4, 6, 8] and sizes == [[8, 8], [8, 8], [4, 4], [4, 4]]
+    assert sum(total for _, _, total in monitor.renders) == 32 * 2 * 2  # 32 tokens x top-2, 2 epochs
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("checkpoint", ["full", "sharded"])
+def test_checkpoint_after_expert_pruning_resumes_under_expert_parallelism(tmp_path, checkpoint):
+    """strategy="moe" (ep=2): ExpertPruning 8 -> 4 stacked experts at the end of epoch 0. The checkpoint of epoch 1
+    resumes into a fresh 8-expert model, which ends on the uninterrupted run's weights; the full file (or the
+    consolidated directory) loads with load_from_checkpoint."""
+    from helpers import TinyMoE
+
+    run = _scenario("prune_resume", tmp_path, checkpoint=checkpoint, timeout=300)
+    for result in run.results:
+        assert result["resumed"] == result["uninterrupted"]
+        assert result["uninterrupted"]["num_experts"] == [4, 4]
+    uninterrupted = torch.load(tmp_path / "uninterrupted.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
+    path = tmp_path / "uninterrupted" / "epoch2.ckpt"
+    if checkpoint == "sharded":
+        consolidate_checkpoint(path, tmp_path / "epoch2.full.ckpt")
+        path = tmp_path / "epoch2.full.ckpt"
+    loaded = TinyMoE.load_from_checkpoint(path, weights_only=True)
+    assert [layer.num_experts for layer in loaded.layers] == [4, 4]
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in uninterrupted.items())

@@ -94,6 +94,15 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / META_FILENAME).is_file()
 
 
+def saved_model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every model tensor in a DCP directory (logical names), read from its metadata only."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k[len("model/"):]: tuple(md.size) for k, md in metadata.items()
+            if k.startswith("model/") and hasattr(md, "size")}
+
+
 def _optimizer_states_from_flat(flat: Mapping[str, Any], meta_optimizers: list[dict]) -> list[dict[str, Any]]:
     """Name-keyed (flat DCP) optimizer states -> ``optimizer.state_dict()`` format, logical indices."""
     states = []

@@ -145,6 +145,8 @@ class MoE(nn.Module):
         self._aux_loss: Tensor | None = None
         self._load_balancing_loss: Tensor | None = None
         self._z_loss: Tensor | None = None
+        # A state saved after expert pruning holds fewer experts: loading it shrinks the layer first.
+        self.register_load_state_dict_pre_hook(_shrink_to_saved_experts)
 
     def _validate(self, dim, num_experts, top_k, hidden_dim, activation, router, score_func, capacity_factor,
                   num_shared_experts, aux_loss_coef, z_loss_coef, bias_update_rate, router_jitter, expert) -> None:
@@ -340,3 +342,9 @@ class MoE(nn.Module):
         self.dropped_tokens.copy_(dropped)
         self.routed_tokens.fill_(num_routed) if isinstance(num_routed, int) else self.routed_tokens.copy_(num_routed)
         self.router_entropy.copy_(MF.routing_entropy(scores_TE, valid_T))
+
+
+def _shrink_to_saved_experts(layer: MoE, state_dict: dict, prefix: str, *args) -> None:
+    from lightning_moe.prune import shrink_to_saved_hook  # the expert surgery, which imports this module
+
+    shrink_to_saved_hook(layer, state_dict, prefix, *args)

@@ -207,8 +207,46 @@ def low_rank() -> None:
                   "num_experts": model.net.moe1.experts.num_experts}, rank=tr.global_rank)
 
 
+# -- defect 6: checkpoints after ExpertPruning under expert parallelism ----------------------------------------
+
+
+def pruned_fit(epochs: int, name: str, ckpt_path: Path | None = None) -> dict:
+    """TinyMoE (8 stacked experts, Adam) at ep=2, pruned to 4 at the end of epoch 0, a checkpoint every epoch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import lightning_moe as lmoe
+    from lightning_moe.callbacks import ExpertPruning
+
+    from helpers import RegressionData, TinyMoE
+
+    torch.manual_seed(0)
+    model = TinyMoE(num_experts=8, optimizer="adam", lr=0.01)
+    pruning = ExpertPruning(keep=4, at_epoch=0)
+    ckpt = ModelCheckpoint(dirpath=out_dir() / name, filename="epoch{epoch}", save_top_k=-1,
+                           auto_insert_metric_name=False)
+    tr = trainer(max_steps=-1, max_epochs=epochs, strategy=lmoe.MoEStrategy(checkpoint=PARAMS["checkpoint"]),
+                 callbacks=[pruning, ckpt], enable_checkpointing=True)
+    tr.fit(model, datamodule=RegressionData(n=32, offset=1.5), ckpt_path=ckpt_path)
+    if PARAMS["checkpoint"] == "sharded":  # still sharded after fit: give the whole model back to compare
+        from lightning_moe.distributed.expert_parallel import find_moe_layers, unshard_moe_layer
+
+        for _, layer in find_moe_layers(model):
+            unshard_moe_layer(layer)
+    save_state(tr, model, name)
+    return {"kept": pruning.kept, "num_experts": [layer.num_experts for layer in model.layers]}
+
+
+def prune_resume() -> None:
+    """Uninterrupted 3 epochs; then 3 epochs resumed from the checkpoint of epoch 1 into a fresh 8-expert model."""
+    uninterrupted = pruned_fit(3, "uninterrupted")
+    resumed = pruned_fit(3, "resumed", ckpt_path=out_dir() / "uninterrupted" / "epoch1.ckpt")
+    import torch.distributed as dist
+
+    write_result({"uninterrupted": uninterrupted, "resumed": resumed}, rank=dist.get_rank())
+
+
 SCENARIOS = {"manual": manual, "save_after_stages": save_after_stages, "optimizer_states": optimizer_states,
-             "low_rank": low_rank}
+             "low_rank": low_rank, "prune_resume": prune_resume}
 
 
 def body() -> None:
