@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe import _compat
-from lightning_moe.nn.experts import GroupedExperts, _activation
-from lightning_moe.nn.moe import MoE
+from lightning_moe.nn.experts import GroupedExperts, activation_function
+from lightning_moe.nn.moe import find_moe_layers
 
 WEIGHTS = ("w1", "w2", "w3")
 KERNELS = ("dequant", "int8_mm")
@@ -100,9 +100,7 @@ def _weight_numel(module: nn.Module) -> int:
 
 def _expert_banks(model: nn.Module, include_shared: bool):
     """Yield ``(path, owner MoE, attribute)`` of every expert bank in ``model``."""
-    for name, layer in model.named_modules():
-        if not isinstance(layer, MoE):
-            continue
+    for name, layer in find_moe_layers(model):
         prefix = f"{name}." if name else ""
         yield f"{prefix}experts", layer, "experts"
         if include_shared and layer.shared_experts is not None:
@@ -249,7 +247,7 @@ class QuantizedGroupedExperts(nn.Module):
         if self.w3_q is not None:
             h_CH = F.silu(h_CH) * self._linear(x_CD, "w3", e)
         else:
-            h_CH = _activation(self.activation)(h_CH)
+            h_CH = activation_function(self.activation)(h_CH)
         y_CD = self._linear(h_CH, "w2", e)
         if self.b2 is not None:
             y_CD = y_CD + self.b2[e].to(y_CD.dtype)
@@ -287,6 +285,7 @@ def quantize_experts(
         ValueError: for ``bits != 8`` or an unknown ``kernel``.
 
     Example:
+        >>> from lightning_moe import MoE
         >>> model = nn.Sequential(MoE(dim=64, num_experts=4))
         >>> report = quantize_experts(model)
         >>> round(report.ratio, 1)
@@ -469,7 +468,7 @@ class LowRankGroupedExperts(nn.Module):
             if w3 is not None:
                 h_CH = F.silu(h_CH) * self._matmul(x_CD, w3[e])
             else:
-                h_CH = _activation(self.activation)(h_CH)
+                h_CH = activation_function(self.activation)(h_CH)
             y_CD = self._matmul(h_CH, w2[e])
             outputs.append(y_CD if b2 is None else y_CD + b2[e])
         if not outputs:  # keep every factor in the graph, as GroupedExperts does for an empty step
@@ -504,6 +503,7 @@ def low_rank_experts(
         ValueError: for ``rank < 1`` or ``energy`` outside (0, 1].
 
     Example:
+        >>> from lightning_moe import MoE
         >>> model = nn.Sequential(MoE(dim=16, num_experts=4, hidden_dim=64))
         >>> low_rank_experts(model, rank=4).layers[0].detail
         {'w1': 4, 'w2': 4}

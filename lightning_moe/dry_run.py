@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe.distributed.expert_parallel import ExpertShard, find_moe_layers, shard_moe_layer
+from lightning_moe.distributed.expert_parallel import ExpertShard, shard_moe_layer
 from lightning_moe.distributed.simulated import SimulatedExpertParallel
 from lightning_moe.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from lightning_moe.models.transformer import Transformer, build_model, num_params
 from lightning_moe.nn.experts import GroupedExperts
+from lightning_moe.nn.moe import find_moe_layers
 from lightning_moe.plan import Architecture, Layout, check_layout, params_per_rank, plan
 
 _SIMULATED = {"dense_sharding": "replicated", "expert_sharding": "replicated", "weight_dtype": "fp32",

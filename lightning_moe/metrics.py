@@ -59,12 +59,6 @@ def _count_ids(top_ids_TK: Tensor, num_experts: int) -> Tensor:
     return counts[:num_experts]
 
 
-def _layer_assignments(layer: MoE) -> Tensor:
-    """Token->expert assignments routed in the layer's last forward (token choice: tokens * top_k)."""
-    per_token = layer.top_k if layer.router_type == "token_choice" else 1
-    return layer.routed_tokens * per_token
-
-
 class ExpertLoad(Metric):
     """Token->expert assignments per expert, summed over updates (and processes).
 
@@ -192,7 +186,7 @@ class DroppedTokenRate(Metric):
         if isinstance(routing, MoE):
             _check_layer(self, routing, self.num_experts)
             self.dropped += routing.dropped_tokens.to(self.dropped.device)
-            self.assignments += _layer_assignments(routing).to(self.assignments.device)
+            self.assignments += routing.assignments.to(self.assignments.device)
             return
         _check_ids(self, routing)
         if self.num_experts is None:

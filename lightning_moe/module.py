@@ -31,9 +31,9 @@ How it hooks in (and why there):
    layers) for this rank, without a collective; the same names with ``_epoch`` hold the epoch mean,
    synced over ranks once at epoch end. ``log_per_layer=True`` adds step values ``moe/layer_{i}/<stat>``.
 
-"Ran in this step" is tracked by the identity of each layer's last-forward loss tensor, so a layer
-skipped in a step contributes nothing (its old loss graph, already freed by backward, is never
-reused). With several forwards of a layer in one step, the last one counts.
+"Ran in this step" is tracked by each layer's ``forward_count``, so a layer skipped in a step
+contributes nothing (its old loss graph, already freed by backward, is never reused). With several
+forwards of a layer in one step, the last one counts.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from lightning_moe.metrics import load_imbalance
-from lightning_moe.nn.moe import MoE
+from lightning_moe.nn.moe import MoE, find_moe_layers
 
 _WRAPPED = "_lightning_moe_wrapped"
 _OWNER = "_lightning_moe_owner"  # set on optimizers: weakref to the module whose post-hook they carry
@@ -94,8 +94,8 @@ class MoELightningModule(LightningModule):
     # Class-level defaults keep the wrapper working if a subclass skips this __init__.
     _moe_depth = 0
     _moe_step_layers: list[tuple[str, MoE]] = []
-    _moe_before: list[Tensor | None] = []
-    _moe_seen: list[Tensor | None] = []
+    _moe_before: list[int] = []
+    _moe_seen: list[int] = []
     _moe_counts: Tensor | None = None
     _moe_count_layers: list[MoE] = []
 
@@ -105,8 +105,8 @@ class MoELightningModule(LightningModule):
             self.log_per_layer = bool(log_per_layer)
         self._moe_depth = 0  # > 0 while a wrapped training_step runs
         self._moe_step_layers: list[tuple[str, MoE]] = []  # the layers of the running/last training step
-        self._moe_before: list[Tensor | None] = []  # each layer's last-forward loss when the step began
-        self._moe_seen: list[Tensor | None] = []  # ... when its counts were last added to the accumulator
+        self._moe_before: list[int] = []  # each layer's forward_count when the step began
+        self._moe_seen: list[int] = []  # ... when its counts were last added to the accumulator
         self._moe_counts: Tensor | None = None  # tokens per expert of balanced layers since the last step
         self._moe_count_layers: list[MoE] = []  # the layers _moe_counts holds, concatenated in this order
 
@@ -127,7 +127,7 @@ class MoELightningModule(LightningModule):
             ``[(name, layer), ...]`` in ``named_modules()`` order; ``i`` in ``moe/layer_{i}`` is
             the index in this list.
         """
-        layers = [(name, module) for name, module in self.named_modules() if isinstance(module, MoE)]
+        layers = find_moe_layers(self)
         for name, layer in layers:
             layer.layer_name = name
         return layers
@@ -144,7 +144,7 @@ class MoELightningModule(LightningModule):
         if self._moe_depth:
             layers = self._moe_ran_layers()
         else:
-            layers = [layer for _, layer in self.moe_layers() if layer._aux_loss is not None]
+            layers = [layer for _, layer in self.moe_layers() if layer.forward_count]
         if not layers:
             return torch.zeros((), device=self.device)
         return sum((layer.aux_loss for layer in layers[1:]), layers[0].aux_loss)
@@ -153,7 +153,7 @@ class MoELightningModule(LightningModule):
 
     def _moe_begin_step(self) -> None:
         self._moe_step_layers = self.moe_layers()
-        self._moe_before = [layer._aux_loss for _, layer in self._moe_step_layers]
+        self._moe_before = [layer.forward_count for _, layer in self._moe_step_layers]
         self._moe_seen = list(self._moe_before)
         if self._trainer is not None and any(layer.bias_update_rate > 0 for _, layer in self._moe_step_layers):
             self._moe_hook_optimizers()
@@ -176,18 +176,18 @@ class MoELightningModule(LightningModule):
 
     def _moe_ran_layers(self) -> list[MoE]:
         return [layer for (_, layer), before in zip(self._moe_step_layers, self._moe_before, strict=True)
-                if layer._aux_loss is not None and layer._aux_loss is not before]
+                if layer.forward_count != before]
 
     # -- aux-loss-free balancing ----------------------------------------------------------------
 
     def _moe_accumulate_counts(self) -> None:
         """Add the counts of balanced layers that ran since they were last added (local, no collective)."""
         balanced = [(i, layer) for i, (_, layer) in enumerate(self._moe_step_layers) if layer.bias_update_rate > 0]
-        new = [layer._aux_loss is not None and layer._aux_loss is not self._moe_seen[i] for i, layer in balanced]
+        new = [layer.forward_count != self._moe_seen[i] for i, layer in balanced]
         if not any(new):
             return
         for i, layer in balanced:
-            self._moe_seen[i] = layer._aux_loss
+            self._moe_seen[i] = layer.forward_count
         counts = torch.cat([layer.tokens_per_expert if is_new else torch.zeros_like(layer.tokens_per_expert)
                             for (_, layer), is_new in zip(balanced, new, strict=True)])
         layers = [layer for _, layer in balanced]
@@ -231,8 +231,7 @@ class MoELightningModule(LightningModule):
         aux_L = torch.stack([layer.aux_loss.detach().float() for layer in ran])
         z_L = torch.stack([layer.z_loss.detach().float() for layer in ran])
         dropped_L = torch.stack([layer.dropped_tokens for layer in ran]).float()
-        assignments_L = torch.stack([layer.routed_tokens * (layer.top_k if layer.router_type == "token_choice" else 1)
-                                     for layer in ran]).float()
+        assignments_L = torch.stack([layer.assignments for layer in ran]).float()
         entropy_L = torch.stack([layer.router_entropy.float() for layer in ran])
         if len({layer.num_experts for layer in ran}) == 1:
             imbalance_L = load_imbalance(torch.stack([layer.tokens_per_expert for layer in ran]).float())
@@ -277,8 +276,6 @@ def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
             return self._moe_end_step(output)
         finally:
             self._moe_depth = 0
-            # Drop the references to loss tensors (graphs): copy.deepcopy/pickle of the module refuse them.
-            self._moe_before, self._moe_seen = [], []
 
     setattr(training_step, _WRAPPED, 1)
     return training_step

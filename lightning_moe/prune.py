@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_moe.distributed.expert_parallel import expert_shard, shard_moe_layer, unshard_moe_layer
+from lightning_moe.distributed.expert_parallel import expert_group, expert_shard, shard_moe_layer, unshard_moe_layer
 from lightning_moe.distributed.gather import gather_experts
 from lightning_moe.distributed.shard_layout import is_per_expert
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
@@ -92,7 +92,7 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> Remap:
     Raises:
         ValueError: when the layer is sharded or ``keep_E`` is empty or out of range.
     """
-    name = layer._name()
+    name = layer.display_name
     bank = layer.experts
     if bank.num_experts != layer.num_experts:
         raise ValueError(f"ExpertPruning: layer {name} holds {bank.num_experts} of its {layer.num_experts} experts "
@@ -180,7 +180,7 @@ def remove_sharded_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Se
         raise ValueError(f"ExpertPruning: layer {path!r} holds {bank.num_experts} of its {layer.num_experts} experts "
                          f"in a {type(bank).__name__} that is not sharded by MoEStrategy; pruning sharded layers "
                          "needs GroupedExperts sharded by strategy='moe' (or prune with expert_parallel_size=1)")
-    group = layer.expert_dispatcher.group
+    group = expert_group(layer)
     old_params = dict(bank.named_parameters(recurse=False))
     # 1. Optimizer state of the group's experts, gathered along the expert dim (same order on every rank).
     full_state: dict[str, tuple[torch.optim.Optimizer, dict, set]] = {}

@@ -37,7 +37,6 @@ from lightning_moe.distributed.expert_parallel import (
     expert_parameters,
     expert_shard,
     expert_state_names,
-    find_moe_layers,
     shard_moe_layer,
     unshard_moe_layer,
 )
@@ -50,6 +49,7 @@ from lightning_moe.distributed.shard_layout import (
     local_optimizer_state,
 )
 from lightning_moe.distributed.sharded_checkpoint import consolidate_checkpoint
+from lightning_moe.nn.moe import find_moe_layers
 
 CHECKPOINT_FORMATS = ("full", "sharded")
 

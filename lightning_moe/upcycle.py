@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from lightning_moe import _compat
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
-from lightning_moe.nn.moe import MoE
+from lightning_moe.nn.moe import MoE, find_moe_layers
 
 Target = Union[type, tuple, str, re.Pattern, Callable[[str, nn.Module], bool], None]  # noqa: UP007 (readable alias)
 
@@ -365,7 +365,7 @@ class _Converter:
         """Return the replacement (or ``module`` itself when converted in place) and its report entry."""
         if _is_meta(module):
             raise _Skip("parameters are on the meta device; materialise the dense weights first")
-        if any(isinstance(m, MoE) for m in module.modules()):
+        if find_moe_layers(module):
             raise _Skip("already upcycled (it holds an MoE layer)")
         if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
             return module, self._transformer_layer(name, module)

@@ -26,9 +26,8 @@ from lightning_moe.distributed.launcher import PARENT_PID_ENV, WatchedScriptLaun
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lightning_moe"
 UPSTREAM = ("torch", "lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics")
-# Files still to be switched to _compat by their owner (distributed/all_to_all.py: the funcol import ->
-# ``from lightning_moe._compat import funcol``). Remove an entry once its file is switched.
-PENDING = {"distributed/all_to_all.py"}
+# Files still to be switched to _compat (none): add one here only while its switch is pending.
+PENDING: set[str] = set()
 
 
 @pytest.mark.parametrize("entry", _compat.PRIVATE_NAMES, ids=lambda e: f"{e.module}.{e.qualname}")

@@ -139,7 +139,7 @@ def test_simulated_dispatcher_runs_every_row_on_the_local_expert_of_its_index():
     torch.manual_seed(2)
     counts = [3, 0, 5, 2, 4, 1, 0, 6]
     x_MD = torch.randn(sum(counts), D, requires_grad=True)
-    y_MD = sim(x_MD, torch.tensor(counts), layer.experts)
+    y_MD = sim(x_MD, sim.plan(torch.tensor(counts)), layer.experts)
     # Reference, row by row: global expert g -> local expert g % L of this rank (experts r*L .. r*L+L-1).
     expert_of_row = [g for g, c in enumerate(counts) for _ in range(c)]
     for i, g in enumerate(expert_of_row):
@@ -158,7 +158,7 @@ def test_simulated_dispatcher_runs_every_row_on_the_local_expert_of_its_index():
 def test_simulated_dispatcher_rejects_a_foreign_layer():
     shard = shard_moe_layer(_layer(), "", ep_rank=0, ep_size=2, group=None)
     with pytest.raises(ValueError, match="counts for 4 experts"):
-        SimulatedExpertParallel(shard)(torch.randn(4, 16), torch.tensor([1, 1, 1, 1]), None)
+        SimulatedExpertParallel(shard).plan(torch.tensor([1, 1, 1, 1]))
 
 
 def test_moe_combine_keeps_no_third_copy_of_the_routed_rows():

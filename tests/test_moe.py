@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_moe import MoE
+from lightning_moe.nn import DispatchPlan, LocalDispatcher, find_moe_layers
 
 from reference import reference_moe
 
@@ -225,6 +227,15 @@ def test_autocast_keeps_router_float32_and_experts_low_precision():
     assert y.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_output_dtype_under_autocast_does_not_depend_on_token_count(router):
+    # A rank without tokens must return what its peers return (expert parallelism exchanges these rows).
+    layer = MoE(16, 4, router=router, num_shared_experts=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dtypes = {layer(torch.randn(n, 16)).dtype for n in (0, 5)}
+    assert dtypes == {torch.bfloat16}
+
+
 def test_nan_input_does_not_crash_or_misindex():
     layer = MoE(8, 4, top_k=2, capacity_factor=1.0)
     x = torch.randn(6, 8)
@@ -320,3 +331,77 @@ def test_cuda_bf16_grouped_gemm_matches_loop():
     xs = torch.randn(sum(counts), 64, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(layer.experts(xs, counts), layer.experts._forward_loop(xs, counts), atol=2e-2, rtol=2e-2)
     assert y_fast.dtype == torch.bfloat16
+
+
+class RecordingDispatcher:
+    """An ExpertDispatcher that runs locally and records what the layer asked of it."""
+
+    def __init__(self):
+        self.local, self.host_counts, self.plans = LocalDispatcher(), [], []
+
+    def plan(self, kept_counts_E, host_counts=None):
+        self.host_counts.append(host_counts)
+        self.plans.append(self.local.plan(kept_counts_E, host_counts))
+        return self.plans[-1]
+
+    def __call__(self, x_MD, plan, experts):
+        assert plan is self.plans[-1] and x_MD.shape[0] == plan.num_sent
+        return self.local(x_MD, plan, experts)
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_forward_plans_then_dispatches_through_the_installed_dispatcher(router):
+    torch.manual_seed(0)
+    layer = MoE(8, 4, top_k=2, router=router)
+    assert isinstance(layer.dispatcher, LocalDispatcher) and layer.expert_dispatcher is None
+    x = torch.randn(6, 8)
+    expected = layer(x)
+    recorder = RecordingDispatcher()
+    layer.expert_dispatcher = recorder
+    assert layer.expert_dispatcher is recorder and layer.dispatcher is recorder
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    # Expert choice knows its counts (its capacity) on the host: the plan needs no sync of them.
+    capacity = layer.router.capacity(6) if router == "expert_choice" else None
+    assert recorder.host_counts == [None if capacity is None else [capacity] * 4]
+    layer.expert_dispatcher = None
+    assert isinstance(layer.dispatcher, LocalDispatcher) and layer.expert_dispatcher is None
+
+
+def test_a_dispatcher_must_implement_the_protocol():
+    layer = MoE(8, 4)
+    with pytest.raises(ValueError, match="must implement the ExpertDispatcher protocol"):
+        layer.expert_dispatcher = lambda x, counts, experts: experts(x, counts.tolist())
+
+
+def test_dispatch_plan_splits_counts_by_rank_and_local_expert():
+    # 2 ranks, 2 local experts each; this rank sends [1, 2 | 3, 0] and receives [4, 0] from rank 0, [1, 5] from 1.
+    received_SL = torch.tensor([[4, 0], [1, 5]])
+    plan = DispatchPlan.from_counts([1, 2, 3, 0], received_SL.reshape(-1).tolist(), received_SL)
+    assert plan.send_counts == (1, 2, 3, 0)
+    assert plan.input_splits == (3, 3) and plan.output_splits == (4, 6)
+    assert plan.local_counts == (5, 5)
+    assert (plan.num_sent, plan.num_received) == (6, 10)
+    with pytest.raises(ValueError, match="one count per expert"):
+        DispatchPlan.from_counts([1, 2, 3], [4, 0, 1, 5], received_SL)
+
+
+@pytest.mark.parametrize("router, per_token", [("token_choice", 2), ("expert_choice", 1)])
+def test_forward_count_and_assignments(router, per_token):
+    layer = MoE(8, 4, top_k=2, router=router)
+    assert layer.forward_count == 0
+    padding = torch.tensor([False, False, True, False, False])
+    layer(torch.randn(5, 8), padding_mask=padding)
+    layer(torch.randn(5, 8), padding_mask=padding)
+    assert layer.forward_count == 2
+    assert int(layer.assignments) == 4 * per_token  # the unit dropped_tokens counts
+    assert copy.deepcopy(layer).forward_count == 0  # a copy starts as a fresh layer (aux_loss reads 0)
+
+
+def test_find_moe_layers_is_the_one_finder():
+    import lightning_moe.distributed
+
+    model = nn.ModuleDict({"a": nn.Sequential(nn.Linear(8, 8), MoE(8, 2)), "b": MoE(8, 4)})
+    found = find_moe_layers(model)
+    assert [(path, layer.num_experts) for path, layer in found] == [("a.1", 2), ("b", 4)]
+    assert find_moe_layers(model["b"]) == [("", model["b"])]
+    assert lightning_moe.distributed.find_moe_layers is find_moe_layers

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoE
 from lightning_moe.callbacks.pruning import ExpertMagnitudePruning, ExpertPruning
+from lightning_moe.nn import LocalDispatcher
 from lightning_moe.nn.experts import GroupedExperts
 from lightning_moe.prune import choose_experts, hidden_unit_mask, remap_optimizers, remove_experts
 
@@ -363,12 +364,16 @@ def test_magnitude_pruning_binds_parameters_after_strategy_setup():
     """A sharding strategy keeps half the template experts in strategy.setup (after the setup hooks)."""
     torch.manual_seed(0)
 
+    class FirstTwoExperts(LocalDispatcher):  # experts 2 and 3 are dead: every row goes to 0 or 1
+        def plan(self, kept_counts_E, host_counts=None):
+            return super().plan(kept_counts_E[:2])
+
     class HalvingStrategy(SingleDeviceStrategy):
         def setup(self, trainer):
             bank = self.lightning_module.moe.experts
             bank.experts = nn.ModuleList(list(bank.experts)[:2])
             bank.num_experts = 2
-            self.lightning_module.moe.expert_dispatcher = lambda x, counts, local: local(x, counts.tolist()[:2])
+            self.lightning_module.moe.expert_dispatcher = FirstTwoExperts()
             super().setup(trainer)
 
     template = nn.Sequential(nn.Linear(DIM, 8), nn.ReLU(), nn.Linear(8, DIM))

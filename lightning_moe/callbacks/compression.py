@@ -22,8 +22,9 @@ from lightning_moe.compress import (
     low_rank_experts,
     quantize_experts,
 )
+from lightning_moe.distributed.expert_parallel import expert_group
 from lightning_moe.distributed.gather import gather_experts
-from lightning_moe.nn.moe import MoE
+from lightning_moe.nn.moe import find_moe_layers
 
 APPLY_ON = ("fit_end", "test_start")
 
@@ -72,8 +73,8 @@ def gather_compressed_shards(module: nn.Module) -> int:
         The number of banks gathered.
     """
     gathered = 0
-    for layer in [m for m in module.modules() if isinstance(m, MoE)]:
-        bank, group = layer.experts, getattr(layer.expert_dispatcher, "group", None)
+    for _, layer in find_moe_layers(module):
+        bank, group = layer.experts, expert_group(layer)
         if group is None or bank.num_experts == layer.num_experts:
             continue
         if not isinstance(bank, (QuantizedGroupedExperts, LowRankGroupedExperts)):

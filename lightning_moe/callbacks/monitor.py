@@ -19,7 +19,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from lightning_moe.nn.moe import MoE
+from lightning_moe.nn.moe import MoE, find_moe_layers
 
 _INSTALL_HINT = "pip install 'lightning-moe[examples]'"
 
@@ -91,7 +91,7 @@ class ExpertLoadMonitor(Callback):
 
     def _reset(self, layers: list[tuple[str, MoE]]) -> None:
         self._layers = layers
-        self._seen: list[Tensor | None] = [layer._aux_loss for _, layer in layers]
+        self._seen: list[int] = [layer.forward_count for _, layer in layers]
         self._sizes = [layer.num_experts for _, layer in layers]  # E_l of the window (pruning changes them)
         self._counts: Tensor | None = None  # [sum_l E_l] token->expert assignments per expert
         self._dropped: Tensor | None = None  # [L]
@@ -101,18 +101,13 @@ class ExpertLoadMonitor(Callback):
         self._last_step = -1
 
     def __getstate__(self) -> dict:
-        # A copy starts fresh (layers are found again at on_train_start); the last-forward loss
-        # tensors in _seen carry graphs that copy.deepcopy and pickle refuse.
+        # A copy starts fresh (layers are found again at on_train_start): it holds no layer or accumulator.
         state = self.__dict__.copy()
         state.update(_layers=[], _seen=[], _counts=None, _dropped=None, _assignments=None, _batches=0)
         return state
 
-    @staticmethod
-    def _find_layers(pl_module: LightningModule) -> list[tuple[str, MoE]]:
-        return [(name, module) for name, module in pl_module.named_modules() if isinstance(module, MoE)]
-
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._reset(self._find_layers(pl_module))
+        self._reset(find_moe_layers(pl_module))
 
     @torch.no_grad()
     def on_train_batch_end(
@@ -130,16 +125,12 @@ class ExpertLoadMonitor(Callback):
                 self._reset(self._find_layers(pl_module))
             if [id(layer) for layer in before] == [id(layer) for _, layer in self._layers]:
                 self._seen = seen
-        # A layer counts when it ran since the last batch (its last-forward loss tensor is new).
-        ran = [layer._aux_loss is not None and layer._aux_loss is not seen
-               for (_, layer), seen in zip(self._layers, self._seen, strict=True)]
-        self._seen = [layer._aux_loss for _, layer in self._layers]
+        # A layer counts when it ran since the last batch.
+        ran = [layer.forward_count != seen for (_, layer), seen in zip(self._layers, self._seen, strict=True)]
+        self._seen = [layer.forward_count for _, layer in self._layers]
         counts = torch.cat([layer.tokens_per_expert * r for (_, layer), r in zip(self._layers, ran, strict=True)])
         dropped = torch.stack([layer.dropped_tokens * r for (_, layer), r in zip(self._layers, ran, strict=True)])
-        assignments = torch.stack([
-            layer.routed_tokens * (layer.top_k if layer.router_type == "token_choice" else 1) * r
-            for (_, layer), r in zip(self._layers, ran, strict=True)
-        ])
+        assignments = torch.stack([layer.assignments * r for (_, layer), r in zip(self._layers, ran, strict=True)])
         if self._counts is None:
             self._counts, self._dropped, self._assignments = counts, dropped, assignments
         else:
@@ -168,7 +159,7 @@ class ExpertLoadMonitor(Callback):
         # trainer.log_dir broadcasts: every rank calls it.
         log_dir = (trainer.log_dir or trainer.default_root_dir) if write_png else None
         # Layers may have been added (upcycling) since training started: pick them up for the next window.
-        self._reset(self._find_layers(pl_module))
+        self._reset(find_moe_layers(pl_module))
         self._last_step = step
         if not trainer.is_global_zero:
             return

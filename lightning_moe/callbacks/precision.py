@@ -16,11 +16,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_moe.nn.moe import MoE
+from lightning_moe.nn.moe import find_moe_layers
 
 
 def _routers(module: nn.Module) -> list[nn.Module]:
-    return [m.router for m in module.modules() if isinstance(m, MoE)]
+    return [layer.router for _, layer in find_moe_layers(module)]
 
 
 class RouterPrecision(Callback):

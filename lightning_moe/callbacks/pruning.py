@@ -10,7 +10,6 @@ Shape legend: E experts (global), D model width, H expert hidden width, K kept e
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import prune as torch_prune
 
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
-from lightning_moe.nn.moe import MoE
+from lightning_moe.nn.moe import find_moe_layers
 from lightning_moe.prune import (
     Remap,
     choose_experts,
@@ -34,10 +33,6 @@ from lightning_moe.prune import (
 
 # The surgery lives in lightning_moe.prune; re-exported for code that imports it from here.
 __all__ = ["ExpertMagnitudePruning", "ExpertPruning", "choose_experts", "hidden_unit_mask", "remove_experts"]
-
-
-def _moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
 
 
 def _expert_parallel_size(trainer: pl.Trainer) -> int:
@@ -99,19 +94,17 @@ class ExpertPruning(Callback):
         self.at_epoch = at_epoch
         self.counts: dict[str, Tensor] = {}
         self.kept: dict[str, list[int]] = {}
-        self._last_seen: dict[str, Any] = {}
+        self._last_seen: dict[str, int] = {}  # layer path -> its forward_count when last counted
         self._done = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._done:
             return
-        for name, layer in _moe_layers(pl_module):
-            loss = layer._aux_loss
-            seen = self._last_seen.get(name)
-            if loss is None or (seen is not None and seen() is loss):  # the layer did not run in this batch
+        for name, layer in find_moe_layers(pl_module):
+            if layer.forward_count == self._last_seen.get(name, 0):  # the layer did not run in this batch
                 continue
-            self._last_seen[name] = weakref.ref(loss)
+            self._last_seen[name] = layer.forward_count
             counts = layer.tokens_per_expert.detach()
             if name not in self.counts or self.counts[name].shape != counts.shape:
                 self.counts[name] = torch.zeros_like(counts)
@@ -123,7 +116,7 @@ class ExpertPruning(Callback):
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[int]]:
         """Prune every layer now from the counts so far (all ranks must call it); returns the kept ids."""
-        layers = _moe_layers(pl_module)
+        layers = find_moe_layers(pl_module)
         ep = _expert_parallel_size(trainer)
         for name, layer in layers:  # refuse before changing anything
             sharded = layer.experts.num_experts != layer.num_experts
@@ -243,7 +236,7 @@ class ExpertMagnitudePruning(ModelPruning):
     def expert_parameters(self, pl_module: nn.Module) -> list[tuple[nn.Module, str]]:
         """``(module, name)`` of every expert weight in ``pl_module`` (see the class docstring)."""
         found: list[tuple[nn.Module, str]] = []
-        for name, layer in _moe_layers(pl_module):
+        for name, layer in find_moe_layers(pl_module):
             banks = [layer.experts] + ([layer.shared_experts] if self.include_shared and layer.shared_experts else [])
             for bank in banks:
                 if isinstance(bank, GroupedExperts):

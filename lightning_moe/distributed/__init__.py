@@ -4,16 +4,22 @@ from lightning_moe.distributed.all_to_all import all_to_all, all_to_all_counts
 from lightning_moe.distributed.expert_parallel import (
     ExpertParallelDispatcher,
     ExpertShard,
-    find_moe_layers,
+    ShardedDispatcher,
+    expert_group,
+    expert_shard,
     shard_moe_layer,
     unshard_moe_layer,
 )
+from lightning_moe.nn.moe import find_moe_layers  # re-exported: defined once, in lightning_moe.nn
 
 __all__ = [
     "ExpertParallelDispatcher",
     "ExpertShard",
+    "ShardedDispatcher",
     "all_to_all",
     "all_to_all_counts",
+    "expert_group",
+    "expert_shard",
     "find_moe_layers",
     "shard_moe_layer",
     "unshard_moe_layer",

@@ -12,15 +12,17 @@ Shape legend: M rows sent by this rank, R rows received, D feature width, E glob
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor
+
+from lightning_moe._compat import funcol
 
 
 def all_to_all(
-    x_MD: Tensor, output_splits: Sequence[int], input_splits: Sequence[int], group: dist.ProcessGroup
+    x_MD: Tensor, output_splits: Sequence[int], input_splits: Sequence[int], group: dist.ProcessGroup | None
 ) -> Tensor:
     """Differentiable uneven all-to-all along dim 0.
 
@@ -31,7 +33,7 @@ def all_to_all(
         x_MD: rows to send, grouped by destination rank.
         output_splits: rows to receive from each rank of ``group`` (length = group size).
         input_splits: rows to send to each rank of ``group`` (length = group size, sums to ``M``).
-        group: the expert-parallel process group.
+        group: the expert-parallel process group (None: the default group).
 
     Returns:
         ``x_RD`` with ``R = sum(output_splits)``; its gradient flows back through the reverse all-to-all.
@@ -45,8 +47,10 @@ def all_to_all(
                          f"for a group of {size} ranks; pass one split per rank")
     if sum(input_splits) != x_MD.shape[0]:
         raise ValueError(f"all_to_all: input_splits sum to {sum(input_splits)} but x has {x_MD.shape[0]} rows")
+    # The functional collective takes no None: resolve the default group (get_world_size raised if there is none).
+    pg = cast(dist.ProcessGroup, group if group is not None else dist.group.WORLD)
     out = funcol.all_to_all_single_autograd(
-        x_MD.contiguous(), [int(s) for s in output_splits], [int(s) for s in input_splits], group
+        x_MD.contiguous(), [int(s) for s in output_splits], [int(s) for s in input_splits], pg
     )
     # The functional collective returns a lazily-waited tensor; wait here so callers get a plain
     # tensor (the wait's backward is the identity, the collective's backward the reverse all-to-all).
@@ -54,12 +58,12 @@ def all_to_all(
 
 
 @torch.no_grad()
-def all_to_all_counts(send_counts: Tensor, group: dist.ProcessGroup) -> Tensor:
+def all_to_all_counts(send_counts: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     """Exchange equal-sized chunks of an integer vector (no autograd).
 
     Args:
         send_counts: 1-D tensor whose length is a multiple of the group size; chunk ``r`` goes to rank ``r``.
-        group: the expert-parallel process group.
+        group: the expert-parallel process group (None: the default group).
 
     Returns:
         Tensor of the same shape: chunk ``s`` is what rank ``s`` sent to this rank.

@@ -3,20 +3,30 @@
 Rank ``j`` of an EP group of size ``P`` holds experts ``[j * E/P, (j + 1) * E/P)`` of every layer,
 keeping their global ids (``experts.expert_offset``). The layer is untouched otherwise: the
 :class:`ExpertParallelDispatcher` installed as ``layer.expert_dispatcher`` moves each token to the rank
-holding its expert and back:
+holding its expert and back. The sequence is written once, in :class:`ShardedDispatcher`:
 
-1. all-to-all the per-expert counts, so every rank knows how many rows it will receive;
+1. ``plan``: all-to-all the per-expert counts, so every rank knows how many rows it will receive, and
+   bring sent and received counts to the host together (the one host sync of an EP layer);
 2. all-to-all the rows (uneven splits, autograd);
 3. regroup the received rows from source-major to local-expert-major and run the local experts;
 4. undo the regrouping and all-to-all the outputs back (the backward of 2 and 4 is the reverse).
 
-Shape legend: M rows this rank sends (its kept assignments), R rows it receives, D model width,
-E global experts, P EP group size, L = E/P local experts, S source ranks (= P).
+Every rank takes part in every exchange, forward and backward, whatever it holds: a rank whose experts
+receive no row still returns rows that depend on the (empty) received ones, so autograd runs that
+exchange's backward there as on its peers, and returned rows have the dtype every rank derives from
+the same information (:func:`~lightning_moe.nn.dispatch.expert_output_dtype`), not from whether its
+experts ran.
+
+Shape legend (the package's, see :mod:`lightning_moe.nn.functional`): M rows this rank sends (its kept
+assignments), R rows it receives, D model width, E global experts, P EP group size, L = E/P local experts,
+S source ranks (= P).
 """
 
 from __future__ import annotations
 
+import abc
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +35,9 @@ from torch import Tensor, nn
 
 from lightning_moe.distributed.all_to_all import all_to_all, all_to_all_counts
 from lightning_moe.distributed.gather import gather_experts
+from lightning_moe.nn.dispatch import DispatchPlan, expert_output_dtype
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
-from lightning_moe.nn.moe import MoE
+from lightning_moe.nn.moe import MoE, find_moe_layers
 
 GROUPED_PARAMS = ("w1", "w2", "w3", "b1", "b2")
 # Per-forward routing stats of the layer: rank-local values, never broadcast by DDP.
@@ -65,13 +76,78 @@ class ExpertShard:
         """State-dict prefix of the layer's expert bank (``"<path>.experts."``)."""
         return f"{self.path}.experts." if self.path else "experts."
 
-    def owner(self, global_id: int) -> int:
-        """EP rank holding expert ``global_id``."""
-        return global_id // self.num_local
+
+class ShardedDispatcher(abc.ABC):
+    """The expert-parallel dispatch sequence (an :class:`~lightning_moe.nn.dispatch.ExpertDispatcher`).
+
+    Subclasses differ only in the exchange primitives: :meth:`exchange_counts` and
+    :meth:`exchange_rows` (a real all-to-all in :class:`ExpertParallelDispatcher`, a mirrored local copy
+    in :class:`~lightning_moe.distributed.simulated.SimulatedExpertParallel`).
+
+    Args:
+        shard: the experts this rank holds (the layer's ``experts`` hold exactly these).
+    """
+
+    def __init__(self, shard: ExpertShard) -> None:
+        self.shard = shard
+
+    @abc.abstractmethod
+    def exchange_counts(self, send_counts_E: Tensor) -> Tensor:
+        """Chunk ``r`` of ``send_counts_E`` (``L`` counts) goes to rank ``r``; returns ``[S * L]``, chunk ``s``
+        from source ``s`` (device tensor, no autograd)."""
+
+    @abc.abstractmethod
+    def exchange_rows(self, x_MD: Tensor, output_splits: Sequence[int], input_splits: Sequence[int]) -> Tensor:
+        """Differentiable all-to-all of rows: ``input_splits[r]`` rows go to rank ``r``, ``output_splits[s]``
+        arrive from rank ``s``, in source order."""
+
+    def __repr__(self) -> str:
+        s = self.shard
+        return (f"{type(self).__name__}(experts {s.offset}..{s.offset + s.num_local - 1} of {s.num_experts}, "
+                f"ep_rank={s.ep_rank} of {s.ep_size})")
+
+    def plan(self, kept_counts_E: Tensor, host_counts: Sequence[int] | None = None) -> DispatchPlan:
+        """Step 1: exchange the per-expert counts and bring what the exchange needs to the host.
+
+        Raises:
+            ValueError: if ``kept_counts_E`` does not have one count per expert of the shard's layer.
+        """
+        P, L = self.shard.ep_size, self.shard.num_local
+        if kept_counts_E.numel() != P * L:
+            raise ValueError(f"{type(self).__name__}: got counts for {kept_counts_E.numel()} experts, the shard "
+                             f"has {P * L}; install it on the layer it was built for")
+        send_E = kept_counts_E.long()
+        recv_counts_SL = self.exchange_counts(send_E).view(P, L)
+        # NOTE: the one host sync of an EP layer: split sizes and expert GEMMs need the counts, so
+        # sent and received counts come to the host together (received only, when sent are known).
+        if host_counts is None:
+            counts = torch.cat([send_E, recv_counts_SL.reshape(-1)]).tolist()
+            send, recv = counts[: P * L], counts[P * L:]
+        else:
+            send, recv = list(host_counts), recv_counts_SL.reshape(-1).tolist()
+        return DispatchPlan.from_counts(send, recv, recv_counts_SL)
+
+    def __call__(self, x_MD: Tensor, plan: DispatchPlan, experts: nn.Module) -> Tensor:
+        """Steps 2-4: rows out, local experts, rows back; ``y_MD`` in ``x_MD``'s order."""
+        dtype = expert_output_dtype(x_MD)  # the same on every rank, whatever each holds
+        # 2. rows to the ranks holding their experts; received rows are source-major.
+        x_RD = self.exchange_rows(x_MD, plan.output_splits, plan.input_splits)
+        # 3. regroup by local expert and run the local experts.
+        order_R = expert_major_order(plan.received_counts_SL, plan.num_received)
+        x_RD = x_RD[order_R]
+        y_RD = experts(x_RD, plan.local_counts).to(dtype)
+        if plan.num_received == 0:
+            # No row reached this rank's experts: tie the (empty) output to the received rows anyway,
+            # so this rank's backward runs step 2's reverse exchange, which its peers run too.
+            y_RD = y_RD + x_RD.to(dtype)
+        inverse_R = torch.empty_like(order_R)
+        inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
+        # 4. outputs back to the ranks that own the tokens, in the order they were sent.
+        return self.exchange_rows(y_RD[inverse_R], plan.input_splits, plan.output_splits)
 
 
-class ExpertParallelDispatcher:
-    """``layer.expert_dispatcher`` that runs a layer's experts across an EP group.
+class ExpertParallelDispatcher(ShardedDispatcher):
+    """``layer.expert_dispatcher`` that runs a layer's experts across an EP process group.
 
     Args:
         shard: which experts this rank holds.
@@ -79,56 +155,24 @@ class ExpertParallelDispatcher:
 
     Example (inside an initialised process group of 2 ranks)::
 
-        shard = shard_moe_layer(layer, "", ep_rank=rank, ep_size=2, group=dist.group.WORLD)
-        y = layer(x)   # tokens for experts held elsewhere travel by all-to-all
+        shard_moe_layer(layer, "", ep_rank=rank, ep_size=2, group=dist.group.WORLD)
+        y = layer(x)   # layer.dispatcher.plan exchanges counts, layer.dispatcher(...) the rows
     """
 
-    def __init__(self, shard: ExpertShard, group: dist.ProcessGroup) -> None:
-        self.shard = shard
+    def __init__(self, shard: ExpertShard, group: dist.ProcessGroup | None) -> None:
+        super().__init__(shard)
         self.group = group
-        # (kept_counts_E, received counts, host counts) from exchange_counts, for the call on the same counts
-        self._exchanged: tuple[Tensor, Tensor, list[int]] | None = None
 
-    def exchange_counts(self, kept_counts_E: Tensor) -> list[int]:
-        """All-to-all the per-expert counts and bring sent and received counts to the host at once.
+    def exchange_counts(self, send_counts_E: Tensor) -> Tensor:
+        return all_to_all_counts(send_counts_E, self.group)
 
-        The layer calls this instead of its own ``kept_counts_E.tolist()``, so an expert-parallel
-        layer syncs with the host once per forward, not twice; the next ``__call__`` reuses the result.
-
-        Returns:
-            ``kept_counts_E`` as a host list.
-        """
-        recv_counts_SL = all_to_all_counts(kept_counts_E.long(), self.group)
-        # NOTE: the one host sync of an EP layer: split sizes and expert GEMMs need the counts.
-        counts = torch.cat([kept_counts_E.long(), recv_counts_SL]).tolist()
-        self._exchanged = (kept_counts_E, recv_counts_SL, counts)
-        return counts[: kept_counts_E.numel()]
+    def exchange_rows(self, x_MD: Tensor, output_splits: Sequence[int], input_splits: Sequence[int]) -> Tensor:
+        return all_to_all(x_MD, output_splits, input_splits, self.group)
 
     def __repr__(self) -> str:
         s = self.shard
-        held = f"{s.offset}..{s.offset + s.num_local - 1}"
-        return f"{type(self).__name__}(experts {held} of {s.num_experts}, ep={s.ep_size})"
-
-    def __call__(self, x_MD: Tensor, kept_counts_E: Tensor, local_experts: nn.Module) -> Tensor:
-        P, L = self.shard.ep_size, self.shard.num_local
-        # 1. counts: chunk r of kept_counts_E (L experts) goes to EP rank r (already done when the
-        # layer called exchange_counts for this forward).
-        if self._exchanged is None or self._exchanged[0] is not kept_counts_E:
-            self.exchange_counts(kept_counts_E)
-        (_, recv_counts_SL, counts), self._exchanged = self._exchanged, None
-        send_E, recv_SL = counts[: P * L], counts[P * L:]
-        input_splits = [sum(send_E[r * L:(r + 1) * L]) for r in range(P)]
-        output_splits = [sum(recv_SL[s * L:(s + 1) * L]) for s in range(P)]
-        local_counts = [sum(recv_SL[s * L + e] for s in range(P)) for e in range(L)]
-        # 2. rows to the ranks holding their experts; received rows are source-major.
-        x_RD = all_to_all(x_MD, output_splits, input_splits, self.group)
-        # 3. regroup by local expert, run the experts, restore source-major order.
-        order_R = expert_major_order(recv_counts_SL.view(P, L), sum(output_splits))
-        y_RD = local_experts(x_RD[order_R], local_counts)
-        inverse_R = torch.empty_like(order_R)
-        inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
-        # 4. outputs back to the ranks that own the tokens, in the order they were sent.
-        return all_to_all(y_RD[inverse_R], input_splits, output_splits, self.group)
+        return (f"{type(self).__name__}(experts {s.offset}..{s.offset + s.num_local - 1} of {s.num_experts}, "
+                f"ep={s.ep_size})")
 
 
 def expert_major_order(counts_SL: Tensor, total: int) -> Tensor:
@@ -153,11 +197,6 @@ def expert_major_order(counts_SL: Tensor, total: int) -> Tensor:
     return shift + torch.arange(total, device=counts_SL.device)
 
 
-def find_moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
-    """All :class:`MoE` layers under ``module`` with their module paths, in ``named_modules`` order."""
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
-
-
 def check_expert_parallel_size(layers: list[tuple[str, MoE]], ep_size: int, world_size: int, owner: str) -> None:
     """Raise before training when the sizes cannot shard.
 
@@ -176,8 +215,14 @@ def check_expert_parallel_size(layers: list[tuple[str, MoE]], ep_size: int, worl
 
 def expert_shard(layer: MoE) -> ExpertShard | None:
     """The shard installed on ``layer`` by :func:`shard_moe_layer`, or None when it holds every expert."""
-    dispatcher = layer.expert_dispatcher
-    return dispatcher.shard if isinstance(dispatcher, ExpertParallelDispatcher) else None
+    dispatcher = layer.dispatcher
+    return dispatcher.shard if isinstance(dispatcher, ShardedDispatcher) else None
+
+
+def expert_group(layer: MoE) -> dist.ProcessGroup | None:
+    """The process group ``layer``'s experts are sharded over, or None (every expert here, or simulated)."""
+    dispatcher = layer.dispatcher
+    return dispatcher.group if isinstance(dispatcher, ExpertParallelDispatcher) else None
 
 
 def _module_tensors(module: nn.Module) -> list[Tensor]:
@@ -195,8 +240,7 @@ def shard_moe_layer(
     path: str,
     ep_rank: int,
     ep_size: int,
-    group: dist.ProcessGroup,
-    broadcast_device: torch.device | None = None,
+    group: dist.ProcessGroup | None,
 ) -> ExpertShard:
     """Keep only this rank's experts in ``layer`` and install the EP dispatcher.
 
@@ -205,9 +249,8 @@ def shard_moe_layer(
         path: its module path (used for state-dict names and error messages).
         ep_rank: this rank's index in ``group``.
         ep_size: size of ``group``; must divide ``layer.num_experts``.
-        group: the EP process group.
-        broadcast_device: when given, every expert tensor is first broadcast from global rank 0
-            through this device (as DDP does for dense weights), so ranks start from one model.
+        group: the EP process group (None only where the dispatcher never exchanges: a layer
+            sharded for checkpoint layouts, or one whose dispatcher is replaced, as planning does).
 
     Returns:
         The :class:`ExpertShard` now held.
@@ -224,11 +267,6 @@ def shard_moe_layer(
     bank = layer.experts
     shard = ExpertShard(path, layer.num_experts, ep_size, ep_rank, isinstance(bank, TemplateExperts))
     lo, hi = shard.offset, shard.offset + shard.num_local
-    if broadcast_device is not None:
-        for tensor in _module_tensors(bank):
-            full = tensor.detach().to(broadcast_device)
-            dist.broadcast(full, src=0)
-            tensor.copy_(full)
     if isinstance(bank, GroupedExperts):
         for name, param in _expert_tensors(bank):
             setattr(bank, name, nn.Parameter(param.detach()[lo:hi].clone(), requires_grad=param.requires_grad))
@@ -252,7 +290,10 @@ def unshard_moe_layer(layer: MoE) -> None:
     shard = expert_shard(layer)
     if shard is None:
         return
-    group = layer.expert_dispatcher.group
+    if not isinstance(layer.dispatcher, ExpertParallelDispatcher):
+        raise ValueError(f"unshard_moe_layer: layer {shard.path!r} runs {layer.dispatcher!r}, which has no peers to "
+                         "gather experts from; build the layer again instead")
+    group = layer.dispatcher.group
     bank = layer.experts
     if shard.template:
         P, L = shard.ep_size, shard.num_local

@@ -1,10 +1,12 @@
 """One expert-parallel rank in one process: the EP dispatcher with its peers simulated (planning only).
 
 :class:`SimulatedExpertParallel` is a ``layer.expert_dispatcher`` that plays EP rank ``r`` of a group of
-``P`` ranks without any process group. It follows :class:`~lightning_moe.distributed.ExpertParallelDispatcher`
-step by step (counts, token all-to-all, regroup by local expert, local experts, inverse regroup, all-to-all
-back) and replaces each all-to-all by a *mirrored* one, so that this process allocates, computes and
-"communicates" what a real rank of a balanced job does.
+``P`` ranks without any process group. It runs the sequence of
+:class:`~lightning_moe.distributed.ExpertParallelDispatcher` (both are
+:class:`~lightning_moe.distributed.expert_parallel.ShardedDispatcher`: counts, token all-to-all, regroup by
+local expert, local experts, inverse regroup, all-to-all back) with each all-to-all replaced by a
+*mirrored* one, so that this process allocates, computes and "communicates" what a real rank of a balanced
+job does.
 
 The simulated world (peers are rotated copies of this rank). Every peer ``s`` is assumed to route its tokens
 like rank ``r`` does, with expert ids shifted by its position. Then the rows peer ``s`` sends to rank ``r``
@@ -42,10 +44,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_moe.distributed.expert_parallel import ExpertShard, expert_major_order
+from lightning_moe.distributed.expert_parallel import ExpertShard, ShardedDispatcher
+from lightning_moe.nn.dispatch import DispatchPlan
 
 
-class SimulatedExpertParallel:
+class SimulatedExpertParallel(ShardedDispatcher):
     """``layer.expert_dispatcher`` for EP rank ``shard.ep_rank`` of ``shard.ep_size``, peers simulated.
 
     Install it on a layer whose ``experts`` hold only this rank's experts (``shard.offset ..``, as
@@ -75,16 +78,11 @@ class SimulatedExpertParallel:
         if shard.num_experts % shard.ep_size or not 0 <= shard.ep_rank < shard.ep_size:
             raise ValueError(f"{type(self).__name__}: shard={shard} needs ep_size dividing num_experts and "
                              "0 <= ep_rank < ep_size; build it with shard_moe_layer")
-        self.shard = shard
+        super().__init__(shard)
         P, r = shard.ep_size, shard.ep_rank
         # mirror[s]: the rank whose experts this rank's rows (sent there) stand in for peer s's rows.
         self.mirror = [(2 * r - s) % P for s in range(P)]
         self.reset_counters()
-
-    def __repr__(self) -> str:
-        s = self.shard
-        return (f"{type(self).__name__}(experts {s.offset}..{s.offset + s.num_local - 1} of {s.num_experts}, "
-                f"ep_rank={s.ep_rank} of {s.ep_size})")
 
     def reset_counters(self) -> None:
         """Zero :attr:`bytes_sent`, :attr:`bytes_received` and :attr:`rows_processed`."""
@@ -96,29 +94,17 @@ class SimulatedExpertParallel:
         self.bytes_sent += sent
         self.bytes_received += received
 
-    def __call__(self, x_MD: Tensor, kept_counts_E: Tensor, local_experts: nn.Module) -> Tensor:
+    def exchange_counts(self, send_counts_E: Tensor) -> Tensor:
+        # Peer s sends this rank what this rank sends rank mirror[s] (mirrored world; not counted as traffic).
         P, L = self.shard.ep_size, self.shard.num_local
-        if kept_counts_E.numel() != P * L:
-            raise ValueError(f"{type(self).__name__}: got counts for {kept_counts_E.numel()} experts, the shard "
-                             f"has {P * L}; install it on the layer it was built for")
-        # 1. counts (the real dispatcher all-to-alls them); NOTE: host sync, as there.
-        send_E = kept_counts_E.tolist()
-        input_splits = [sum(send_E[d * L:(d + 1) * L]) for d in range(P)]
-        recv_SL = [send_E[self.mirror[s] * L:(self.mirror[s] + 1) * L] for s in range(P)]
-        output_splits = [sum(row) for row in recv_SL]
-        local_counts = [sum(recv_SL[s][e] for s in range(P)) for e in range(L)]
-        total = sum(output_splits)
-        # 2. rows to the ranks holding their experts; received rows are source-major.
-        x_RD = _MirroredAllToAll.apply(x_MD, input_splits, self)
-        # 3. regroup by local expert, run the experts, restore source-major order.
-        recv_counts_SL = torch.tensor(recv_SL, dtype=torch.long, device=x_MD.device).view(P, L)
-        order_R = expert_major_order(recv_counts_SL, total)
-        y_RD = local_experts(x_RD[order_R], local_counts)
-        self.rows_processed += total
-        inverse_R = torch.empty_like(order_R)
-        inverse_R[order_R] = torch.arange(total, device=order_R.device)
-        # 4. outputs back to the ranks owning the tokens, in the order they were sent.
-        return _MirroredAllToAll.apply(y_RD[inverse_R], output_splits, self)
+        return send_counts_E.view(P, L)[self.mirror].reshape(-1)
+
+    def exchange_rows(self, x_MD: Tensor, output_splits: Sequence[int], input_splits: Sequence[int]) -> Tensor:
+        return _MirroredAllToAll.apply(x_MD, list(input_splits), self)
+
+    def __call__(self, x_MD: Tensor, plan: DispatchPlan, experts: nn.Module) -> Tensor:
+        self.rows_processed += plan.num_received
+        return super().__call__(x_MD, plan, experts)
 
 
 def mirrored_all_to_all(x_MD: Tensor, input_splits: Sequence[int], mirror: Sequence[int]) -> Tensor:

@@ -17,11 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe import _compat
+from lightning_moe.nn.dispatch import expert_output_dtype
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 
 
-def _activation(name: str):
+def activation_function(name: str):
+    """The elementwise function of a non-gated activation name (``"gelu" | "relu" | "silu"``)."""
     return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[name]
 
 
@@ -148,7 +150,7 @@ class GroupedExperts(nn.Module):
         if w3 is not None:
             h_CH = F.silu(h_CH) * (x_CD @ w3)
         else:
-            h_CH = _activation(self.activation)(h_CH)
+            h_CH = activation_function(self.activation)(h_CH)
         return h_CH @ w2 if b2 is None else torch.addmm(b2, h_CH, w2)
 
     def _forward_grouped_mm(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
@@ -157,7 +159,7 @@ class GroupedExperts(nn.Module):
         if self.w3 is not None:
             h_MH = F.silu(h_MH) * _compat.grouped_mm(x_MD, self.w3, offs=offsets)
         else:
-            h_MH = _activation(self.activation)(h_MH)
+            h_MH = activation_function(self.activation)(h_MH)
         return _compat.grouped_mm(h_MH, self.w2, offs=offsets)
 
 
@@ -212,6 +214,8 @@ def _reset_all(module: nn.Module) -> None:
 
 def _empty_output(x_MD: Tensor, dim: int, params) -> Tensor:
     # No token reached any expert: still tie every weight into the graph (with zero gradient) so
-    # backward hooks and DDP's reducer see the parameters used, as in a step with tokens.
+    # backward hooks and DDP's reducer see the parameters used, as in a step with tokens. The dtype
+    # is the one the expert GEMMs would give (autocast's), not the input's: it must not depend on data.
     anchor = sum((p.sum() * 0 for p in params), x_MD.new_zeros(()))
-    return x_MD.new_zeros((0, dim)) + anchor.to(x_MD.dtype)
+    dtype = expert_output_dtype(x_MD)
+    return x_MD.new_zeros((0, dim), dtype=dtype) + anchor.to(dtype)

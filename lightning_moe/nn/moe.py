@@ -1,25 +1,24 @@
 """The Mixture-of-Experts layer: router + sort-based dispatch + experts (+ shared experts).
 
-Shape legend: T tokens (flattened leading dims), D model width, E experts, K top_k,
-N = T*K assignments, M assignments kept after capacity, C expert-choice capacity.
+A token's path: :meth:`MoE.forward` -> router (``router.py``) -> ``functional.sort_by_expert`` ->
+``dispatcher.plan`` and ``dispatcher(...)`` (``dispatch.py``; experts in ``experts.py``) -> combine.
+
+Shape legend (the package's, see :mod:`lightning_moe.nn.functional`): T tokens (flattened leading
+dims), D model width, E experts, K top_k, N = T*K assignments, M assignments kept after capacity,
+C expert-choice capacity.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_moe.nn import functional as MF
+from lightning_moe.nn.dispatch import ExpertDispatcher, LocalDispatcher
 from lightning_moe.nn.experts import ACTIVATIONS, GroupedExperts, TemplateExperts
 from lightning_moe.nn.router import ExpertChoiceRouter, TokenChoiceRouter
 
 ROUTERS = ("token_choice", "expert_choice")
-
-# (x_MD grouped by global expert, kept_counts_E, local experts) -> y_MD in the same order. A dispatcher
-# may also offer exchange_counts(kept_counts_E) -> host list, which the layer then calls for its sync.
-ExpertDispatcher = Callable[[Tensor, Tensor, nn.Module], Tensor]
 
 
 class MoE(nn.Module):
@@ -60,6 +59,13 @@ class MoE(nn.Module):
         tokens_per_expert: ``LongTensor[E]`` of the last forward, global expert ids, before drops.
         dropped_tokens: token->expert assignments dropped by capacity in the last forward (expert
             choice: routed tokens that no expert took).
+        routed_tokens: tokens routed in the last forward (padding excluded).
+        assignments: the unit ``dropped_tokens`` counts, for the last forward (see :attr:`assignments`).
+        forward_count: forwards run so far (a plain int): a caller that remembers it knows whether
+            the layer ran since, without holding on to the last forward's tensors.
+        dispatcher: the :class:`~lightning_moe.nn.dispatch.ExpertDispatcher` that runs the experts
+            (:class:`~lightning_moe.nn.dispatch.LocalDispatcher` unless a strategy installed another
+            through :attr:`expert_dispatcher`).
 
     Example:
         >>> layer = MoE(dim=16, num_experts=4, top_k=2)
@@ -130,8 +136,9 @@ class MoE(nn.Module):
             if num_shared_experts
             else None
         )
-        # Installed from outside by the expert-parallel strategy; the layer knows no process group.
-        self.expert_dispatcher: ExpertDispatcher | None = None
+        # Replaced from outside (expert_dispatcher) by the expert-parallel strategy; the layer knows no process group.
+        self.dispatcher: ExpertDispatcher = LocalDispatcher()
+        self.forward_count = 0
 
         stat_device = device
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long, device=stat_device),
@@ -187,8 +194,39 @@ class MoE(nn.Module):
         # The last forward's losses are non-leaf tensors with a graph: copy.deepcopy and pickle
         # refuse them, so a copy starts as a fresh layer does (losses read 0 until its forward).
         state = self.__dict__.copy()
-        state.update(_aux_loss=None, _load_balancing_loss=None, _z_loss=None)
+        state.update(_aux_loss=None, _load_balancing_loss=None, _z_loss=None, forward_count=0)
         return state
+
+    @property
+    def expert_dispatcher(self) -> ExpertDispatcher | None:
+        """The dispatcher a strategy installed, or None when the layer runs every expert itself.
+
+        Setting None restores the :class:`~lightning_moe.nn.dispatch.LocalDispatcher`.
+        """
+        return None if isinstance(self.dispatcher, LocalDispatcher) else self.dispatcher
+
+    @expert_dispatcher.setter
+    def expert_dispatcher(self, dispatcher: ExpertDispatcher | None) -> None:
+        if dispatcher is not None and not isinstance(dispatcher, ExpertDispatcher):
+            raise ValueError(f"{self.display_name}: expert_dispatcher={dispatcher!r} must implement the "
+                             "ExpertDispatcher protocol (plan(kept_counts_E) and __call__(x_MD, plan, experts)), "
+                             "or be None for local experts")
+        self.dispatcher = LocalDispatcher() if dispatcher is None else dispatcher
+
+    @property
+    def assignments(self) -> Tensor:
+        """Assignments routed in the last forward, the unit of ``dropped_tokens`` (0-dim LongTensor, no sync).
+
+        Token choice: routed tokens x ``top_k`` (token->expert assignments). Expert choice: routed
+        tokens (``dropped_tokens`` counts the tokens no expert took).
+        """
+        per_token = self.top_k if self.router_type == "token_choice" else 1
+        return self.routed_tokens * per_token
+
+    @property
+    def display_name(self) -> str:
+        """``layer_name`` (the module path, set by MoELightningModule), or a short description."""
+        return self.layer_name or f"MoE(dim={self.dim}, num_experts={self.num_experts})"
 
     @property
     def aux_loss(self) -> Tensor:
@@ -210,9 +248,6 @@ class MoE(nn.Module):
     def _zero(self) -> Tensor:
         return torch.zeros((), device=self.tokens_per_expert.device)
 
-    def _name(self) -> str:
-        return self.layer_name or f"MoE(dim={self.dim}, num_experts={self.num_experts})"
-
     @torch.no_grad()
     def update_expert_bias(self, load: Tensor | None = None) -> None:
         """Aux-loss-free balancing step: ``expert_bias += bias_update_rate * sign(mean(load) - load)``.
@@ -223,7 +258,7 @@ class MoE(nn.Module):
                 optimizer step summed over data-parallel ranks.
         """
         if not isinstance(self.router, TokenChoiceRouter):
-            raise ValueError(f"{self._name()}: update_expert_bias needs router='token_choice'")
+            raise ValueError(f"{self.display_name}: update_expert_bias needs router='token_choice'")
         self.router.update_expert_bias(self.tokens_per_expert if load is None else load)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
@@ -238,15 +273,15 @@ class MoE(nn.Module):
             ``[..., dim]``, the dtype of the expert computation.
         """
         if not torch.is_floating_point(x):
-            raise ValueError(f"{self._name()}: input dtype {x.dtype} must be floating point; cast with x.float()")
+            raise ValueError(f"{self.display_name}: input dtype {x.dtype} must be floating point; cast with x.float()")
         if x.ndim == 0 or x.shape[-1] != self.dim:
             width = x.shape[-1] if x.ndim else "a 0-dim tensor"
-            raise ValueError(f"{self._name()}: input last dim {width} must equal dim={self.dim}")
+            raise ValueError(f"{self.display_name}: input last dim {width} must equal dim={self.dim}")
         x_TD = x.reshape(-1, self.dim)
         valid_T = None
         if padding_mask is not None:
             if padding_mask.shape != x.shape[:-1]:
-                raise ValueError(f"{self._name()}: padding_mask shape {tuple(padding_mask.shape)} must equal "
+                raise ValueError(f"{self.display_name}: padding_mask shape {tuple(padding_mask.shape)} must equal "
                                  f"x.shape[:-1]={tuple(x.shape[:-1])}")
             valid_T = ~padding_mask.reshape(-1).to(torch.bool)
 
@@ -256,6 +291,7 @@ class MoE(nn.Module):
             out_TD = self._expert_choice(x_TD, valid_T)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD, [x_TD.shape[0]])
+        self.forward_count += 1
         return out_TD.reshape(x.shape)
 
     def _token_choice(self, x_TD: Tensor, valid_T: Tensor | None) -> Tensor:
@@ -268,16 +304,15 @@ class MoE(nn.Module):
             capacity = MF.expert_capacity(self.capacity_factor, num_routed, self.top_k, self.num_experts)
         # 1. Sort the T*K assignments (k-major) by expert; capacity drops overflow, deterministically.
         order_N, _, counts_E, kept_counts_E = MF.sort_by_expert(routing.top_ids_TK, self.num_experts, capacity)
-        # NOTE: the one host sync of the layer: per-expert counts size the expert GEMMs. An
-        # expert-parallel dispatcher folds its count exchange into the same sync.
-        exchange = getattr(self.expert_dispatcher, "exchange_counts", None)
-        kept_counts = exchange(kept_counts_E) if exchange is not None else kept_counts_E.tolist()
-        order_M = order_N[: sum(kept_counts)]
-        # 2. Gather tokens into one contiguous buffer grouped by expert (flat index n = k*T + t).
+        # 2. Plan the dispatch. NOTE: the one host sync of the layer: per-expert counts size the expert
+        # GEMMs (an expert-parallel dispatcher exchanges counts with its peers in the same sync).
+        plan = self.dispatcher.plan(kept_counts_E)
+        order_M = order_N[: plan.num_sent]
+        # 3. Gather tokens into one contiguous buffer grouped by expert (flat index n = k*T + t); run the experts.
         token_M = order_M % num_tokens if num_tokens else order_M
         weights_M = routing.top_weights_TK.t().reshape(-1)[order_M]
-        y_MD = self._run_experts(x_TD[token_M], kept_counts_E, kept_counts)
-        # 3. Weighted sum back per token; dropped assignments contribute nothing.
+        y_MD = self.dispatcher(x_TD[token_M], plan, self.experts)
+        # 4. Weighted sum back per token; dropped assignments contribute nothing.
         out_TD = self._combine(y_MD, token_M, weights_M, num_tokens)
 
         probs_TE = routing.scores_TE
@@ -296,8 +331,11 @@ class MoE(nn.Module):
         weights_M = routing.weights_EC.reshape(-1)
         capacity = routing.token_ids_EC.shape[1]
         counts_E = routing.chosen_EC.sum(dim=1)
+        # Every expert fills its capacity (known on the host): a local plan needs no sync; an
+        # expert-parallel one still exchanges counts (ranks' capacities differ with their token counts).
         kept_counts_E = torch.full_like(counts_E, capacity)
-        y_MD = self._run_experts(x_TD[token_M], kept_counts_E, [capacity] * self.num_experts)
+        plan = self.dispatcher.plan(kept_counts_E, host_counts=[capacity] * self.num_experts)
+        y_MD = self.dispatcher(x_TD[token_M], plan, self.experts)
         out_TD = self._combine(y_MD, token_M, weights_M, num_tokens)
 
         with torch.no_grad():
@@ -308,11 +346,6 @@ class MoE(nn.Module):
         self._set_losses(None, MF.z_loss(routing.logits_TE, valid_T))
         self._record(counts_E, untaken_T.sum(), num_routed, routing.scores_TE, valid_T)
         return out_TD
-
-    def _run_experts(self, x_MD: Tensor, kept_counts_E: Tensor, kept_counts: Sequence[int]) -> Tensor:
-        if self.expert_dispatcher is not None:
-            return self.expert_dispatcher(x_MD, kept_counts_E, self.experts)
-        return self.experts(x_MD, kept_counts)
 
     @staticmethod
     def _combine(y_MD: Tensor, token_M: Tensor, weights_M: Tensor, num_tokens: int) -> Tensor:
@@ -325,7 +358,7 @@ class MoE(nn.Module):
     def _check_finite(self, logits_TE: Tensor) -> None:
         if self.check_finite and not bool(torch.isfinite(logits_TE).all()):
             raise FloatingPointError(
-                f"{self._name()}: router logits are not finite (NaN/inf in the input or router weights); "
+                f"{self.display_name}: router logits are not finite (NaN/inf in the input or router weights); "
                 "check the layer input, lower the learning rate, or use NonFiniteGuard"
             )
 
@@ -342,6 +375,22 @@ class MoE(nn.Module):
         self.dropped_tokens.copy_(dropped)
         self.routed_tokens.fill_(num_routed) if isinstance(num_routed, int) else self.routed_tokens.copy_(num_routed)
         self.router_entropy.copy_(MF.routing_entropy(scores_TE, valid_T))
+
+
+def find_moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
+    """Every :class:`MoE` layer under ``module`` (itself included) with its module path.
+
+    The one way the package finds layers (strategy, callbacks, metrics, checkpoints, planning).
+
+    Returns:
+        ``[(path, layer), ...]`` in ``named_modules()`` order (``""`` is ``module`` itself).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), MoE(dim=8, num_experts=2))
+        >>> [(path, type(layer).__name__) for path, layer in find_moe_layers(model)]
+        [('1', 'MoE')]
+    """
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
 
 
 def _shrink_to_saved_experts(layer: MoE, state_dict: dict, prefix: str, *args) -> None:
