@@ -16,15 +16,16 @@ H expert hidden width.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_moe.distributed.expert_parallel import expert_group, expert_shard, shard_moe_layer, unshard_moe_layer
+from lightning_moe.distributed.expert_parallel import expert_group, expert_shard
 from lightning_moe.distributed.gather import gather_experts
 from lightning_moe.distributed.shard_layout import is_per_expert
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
@@ -197,11 +198,23 @@ def remove_sharded_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Se
                 state[key] = value
             full_state[attr] = (optimizer, state, gathered)
     # 2. Full layer, prune, shard again: new local expert j is kept expert offset + j. The remap of
-    # the (unsharded, optimizer-less) full expert tensors is harmless; the router's is needed.
-    unshard_moe_layer(layer)
+    # the (unsharded, optimizer-less) full expert tensors is harmless; the router's is needed. Every
+    # per-expert tensor of the bank travels under its own name: magnitude pruning's w1_orig and w1_mask
+    # too (its forward pre-hook recomputes w1 from them), which is why this does not unshard by weight name.
+    dispatcher = layer.dispatcher
+    _replace_rows(bank, shard.num_local, lambda t: gather_experts(t, group))
+    bank.num_experts, bank.expert_offset = shard.num_experts, 0
+    layer.expert_dispatcher = None
     remap = remove_experts(layer, keep_E)
-    new_shard = shard_moe_layer(layer, path, shard.ep_rank, shard.ep_size, group)
     keep_K = torch.as_tensor(keep_E, dtype=torch.long).flatten().unique(sorted=True)
+    if keep_K.numel() % shard.ep_size:
+        raise ValueError(f"ExpertPruning: layer {path!r} keeps {keep_K.numel()} experts, not a multiple of its "
+                         f"expert_parallel_size={shard.ep_size}; keep a multiple of it")
+    new_shard = dataclasses.replace(shard, num_experts=keep_K.numel())
+    lo, hi = new_shard.offset, new_shard.offset + new_shard.num_local
+    _replace_rows(bank, new_shard.num_experts, lambda t: t[lo:hi].clone())
+    bank.num_experts, bank.expert_offset = new_shard.num_local, lo
+    layer.expert_dispatcher = type(dispatcher)(new_shard, group)
     rows_L = keep_K[new_shard.offset:new_shard.offset + new_shard.num_local]
     for attr, old in old_params.items():
         if attr in full_state:
@@ -210,6 +223,16 @@ def remove_sharded_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Se
                                     for k, v in state.items()}
         remap[id(old)] = (old, getattr(bank, attr), None)
     return remap
+
+
+def _replace_rows(bank: nn.Module, rows: int, fn: Callable[[Tensor], Tensor]) -> None:
+    """Replace each parameter and buffer of ``bank`` with first dim ``rows`` (one row per expert) by ``fn`` of it."""
+    for attr, param in list(bank.named_parameters(recurse=False)):
+        if param.dim() and param.shape[0] == rows:
+            setattr(bank, attr, nn.Parameter(fn(param.detach()), requires_grad=param.requires_grad))
+    for attr, buffer in list(bank.named_buffers(recurse=False)):
+        if buffer.dim() and buffer.shape[0] == rows:
+            setattr(bank, attr, fn(buffer))
 
 
 def prune_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Sequence[torch.optim.Optimizer] = ()

@@ -265,3 +265,18 @@ def test_checkpoint_after_expert_pruning_resumes_under_expert_parallelism(tmp_pa
     loaded = TinyMoE.load_from_checkpoint(path, weights_only=True)
     assert [layer.num_experts for layer in loaded.layers] == [4, 4]
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in uninterrupted.items())
+
+
+# -- defect 7 ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+def test_magnitude_and_expert_pruning_keep_masked_experts_out_of_ddp(tmp_path):
+    """ExpertMagnitudePruning renames expert weights (w1 -> w1_orig + w1_mask); ExpertPruning then re-wraps DDP.
+    The new wrap ignores every expert name, masked ones included, so DDP neither broadcasts rank 0's experts
+    over rank 1's nor averages their gradients."""
+    run = _scenario("magnitude_and_expert_pruning", tmp_path, timeout=300)
+    for result in run.results:
+        assert result["rewrapped"] and result["masked"]
+        assert result["missing"] == [] and result["ddp_experts"] == []
+    assert run.results[0]["local_w1"] != run.results[1]["local_w1"]  # each rank still holds its own experts

@@ -245,8 +245,50 @@ def prune_resume() -> None:
     write_result({"uninterrupted": uninterrupted, "resumed": resumed}, rank=dist.get_rank())
 
 
+# -- defect 7: ExpertMagnitudePruning + ExpertPruning ---------------------------------------------------------
+
+
+def magnitude_and_expert_pruning() -> None:
+    """Magnitude pruning (w1 -> w1_orig + w1_mask) and expert pruning (8 -> 4, re-wraps DDP) at the end of epoch 0;
+    at the start of epoch 1 each rank reports what DDP ignores and the experts it holds."""
+    import lightning.pytorch as L
+
+    from lightning_moe.callbacks import ExpertMagnitudePruning, ExpertPruning
+    from lightning_moe.distributed.expert_parallel import expert_state_names
+
+    from helpers import RegressionData, TinyMoE
+
+    report: dict = {}
+
+    class Inspect(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch != 1:
+                return
+            ddp = trainer.strategy.model
+            ignored = set(getattr(ddp, "parameters_to_ignore", ()))
+            names = expert_state_names(pl_module)
+            report.update(
+                rewrapped=ddp is not self.first_ddp,
+                missing=sorted(set(names) - ignored),
+                masked=sorted(n for n in names if n.endswith(("_orig", "_mask"))),
+                ddp_experts=sorted(n for n, p in pl_module.named_parameters() if ".experts." in n and n not in ignored),
+                local_w1=pl_module.layers[0].experts.w1_orig.detach().sum().item(),
+            )
+
+        def on_train_start(self, trainer, pl_module):
+            self.first_ddp = trainer.strategy.model
+
+    torch.manual_seed(0)
+    model = TinyMoE(num_experts=8)
+    tr = trainer(max_steps=-1, max_epochs=2, callbacks=[ExpertMagnitudePruning(amount=0.5),
+                                                        ExpertPruning(keep=4, at_epoch=0), Inspect()])
+    tr.fit(model, datamodule=RegressionData(n=32, offset=1.5, seed=tr.global_rank))  # each rank its own data
+    write_result(report, rank=tr.global_rank)
+
+
 SCENARIOS = {"manual": manual, "save_after_stages": save_after_stages, "optimizer_states": optimizer_states,
-             "low_rank": low_rank, "prune_resume": prune_resume}
+             "low_rank": low_rank, "prune_resume": prune_resume,
+             "magnitude_and_expert_pruning": magnitude_and_expert_pruning}
 
 
 def body() -> None:
