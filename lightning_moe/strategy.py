@@ -25,6 +25,7 @@ import torch.distributed as dist
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -104,6 +105,8 @@ class MoEStrategy(DDPStrategy):
         self._trainer: pl.Trainer | None = None
         self._released_layouts: dict[int, OptimizerLayout] = {}
         self._pending_grads = gradients.PendingReduction()  # manual optimization: reduced at the step
+        self._hand_clip = gradients.HandClipWatch(self._on_hand_clip)
+        self._warned_hand_clip = False
 
     # ------------------------------------------------------------------------------------------
     # Mesh and groups
@@ -189,6 +192,7 @@ class MoEStrategy(DDPStrategy):
             self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
         self._pending_grads.clear()
         self.precision_plugin.clip_gradients = self._clip_gradients  # manual optimization: reduce, then clip
+        self._hand_clip.install()
         super().setup(trainer)
 
     @override
@@ -226,6 +230,7 @@ class MoEStrategy(DDPStrategy):
         fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
         self.precision_plugin.__dict__.pop("clip_gradients", None)
+        self._hand_clip.uninstall()
         if module is not None and self._checkpoint == "full" and healthy and dist.is_initialized():
             layout = self._layout()
             if layout.shards and fitting:
@@ -238,6 +243,21 @@ class MoEStrategy(DDPStrategy):
             for _, layer in find_moe_layers(module):
                 unshard_moe_layer(layer)
         super().teardown()
+
+    @override
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        if not self._layout().shards or self._trainer is None:
+            return
+        # Every expert-parallel batch is a collective of the expert group, and Lightning's predict sampler
+        # does not pad ranks to equal lengths: a rank with more batches would wait forever in its last ones.
+        batches = torch.tensor(float(sum(self._trainer.num_predict_batches)), device=self.root_device)
+        counts = [int(c) if c != float("inf") else c for c in self.all_gather(batches).reshape(-1).tolist()]
+        if len(set(counts)) > 1:
+            raise ValueError(f"{type(self).__name__}: predict got {counts} batches on ranks 0.. (in rank order); "
+                             "under expert parallelism every batch is an exchange between the ranks, so each rank "
+                             "must predict the same number of batches: pad the dataset to a multiple of "
+                             "world_size * batch_size or give every rank an equal-length dataloader")
 
     def _layout(self) -> ShardLayout:
         module = self.lightning_module
@@ -272,10 +292,27 @@ class MoEStrategy(DDPStrategy):
         type(plugin).clip_gradients(plugin, optimizer, *args)
 
     def _reduce_pending(self, optimizer: Optimizer) -> None:
-        held = {id(p) for group in _unwrap(optimizer).param_groups for p in group["params"]}
-        params = self._pending_grads.take([p for p in expert_parameters(self.lightning_module) if id(p) in held])
-        if params:
-            self.reduce_expert_gradients(params)
+        self._reduce_pending_of([p for group in _unwrap(optimizer).param_groups for p in group["params"]])
+
+    def _reduce_pending_of(self, params: list[Tensor]) -> None:
+        held = {id(p) for p in params}
+        pending = self._pending_grads.take([p for p in expert_parameters(self.lightning_module) if id(p) in held])
+        if pending:
+            self.reduce_expert_gradients(pending)
+
+    def _on_hand_clip(self, params: list[Tensor]) -> None:
+        # torch.nn.utils.clip_grad_norm_ called while set up (by the user, or by Lightning at ep=1).
+        module = self.lightning_module
+        if module is None or not any(id(p) in {id(q) for q in params} for p in expert_parameters(module)):
+            return
+        self._reduce_pending_of(params)  # manual optimization: clip reduced gradients
+        if self._layout().shards and not self._warned_hand_clip:
+            self._warned_hand_clip = True
+            rank_zero_warn(f"{type(self).__name__}: torch.nn.utils.clip_grad_norm_ called by hand sees only this "
+                           "rank's experts, so each rank scales its gradients by another factor and the dense "
+                           "replicas drift apart. Clip with Trainer(gradient_clip_val=..., "
+                           "gradient_clip_algorithm='norm') (or self.clip_gradients(...) under manual "
+                           "optimization): the strategy then clips by the norm of the whole model.")
 
     def reduce_expert_gradients(self, params: list[Tensor] | None = None) -> None:
         """Turn each rank's expert gradients into those of single-process training on the global batch.
@@ -371,6 +408,8 @@ class MoEStrategy(DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _compat.PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        if weights_only is None:  # Lightning drops the user's value for strategies that restore after setup
+            weights_only = _compat.running_weights_only()
         path = Path(self.broadcast(str(checkpoint_path)))
         if not sharded_checkpoint.is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only=weights_only)

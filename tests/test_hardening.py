@@ -39,13 +39,14 @@ def _max_diff(state: dict, reference: dict) -> float:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("clip", [None, 0.05])
-def test_manual_optimization_reduces_expert_gradients_once_per_step(tmp_path, clip):
-    """Two half-loss manual_backward calls per step on 2 ranks (ep=2) train exactly as one process on the global
-    batch, with and without clip_gradients before the step."""
-    run = _scenario("manual", tmp_path, clip=clip)
+@pytest.mark.parametrize(("clip", "hand_clip", "ep"), [(None, None, 2), (0.05, None, 2), (None, 0.05, 1)])
+def test_manual_optimization_reduces_expert_gradients_once_per_step(tmp_path, clip, hand_clip, ep):
+    """Two half-loss manual_backward calls per step on 2 ranks train exactly as one process on the global batch:
+    at ep=2 without clipping and with clip_gradients before the step, at ep=1 (experts replicated) with
+    torch.nn.utils.clip_grad_norm_ by hand before the step."""
+    run = _scenario("manual", tmp_path, clip=clip, hand_clip=hand_clip, ep=ep)
     assert [r["steps"] for r in run.results] == [5, 5]
-    expected = reference_train(clip=clip).state_dict()
+    expected = reference_train(clip=clip or hand_clip).state_dict()
     assert _max_diff(torch.load(tmp_path / "manual.pt", weights_only=True), expected) < TOL
 
 
@@ -280,3 +281,73 @@ def test_magnitude_and_expert_pruning_keep_masked_experts_out_of_ddp(tmp_path):
         assert result["rewrapped"] and result["masked"]
         assert result["missing"] == [] and result["ddp_experts"] == []
     assert run.results[0]["local_w1"] != run.results[1]["local_w1"]  # each rank still holds its own experts
+
+
+# -- defect 8 ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smaller_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smaller")
+    return _scenario("smaller", out, timeout=300)
+
+
+@pytest.mark.distributed
+def test_predict_with_unequal_batch_counts_raises_before_the_first_batch(smaller_run):
+    for result in smaller_run.results:
+        assert "predict" in result["predict"] and "[3, 2]" in result["predict"], result["predict"]
+
+
+@pytest.mark.distributed
+def test_resume_honours_the_users_weights_only_false(smaller_run):
+    for result in smaller_run.results:
+        assert result["resumed_full"] == 3 and result["resumed_sharded"] == 3, result
+
+
+@pytest.mark.distributed
+def test_clip_grad_norm_by_hand_warns_once_naming_gradient_clip_val(smaller_run):
+    warned = smaller_run.results[0]["hand_clip_warnings"]
+    assert len(warned) == 1 and "gradient_clip_val" in warned[0]
+    assert smaller_run.results[1]["hand_clip_warnings"] == []  # rank 0 speaks for the job
+
+
+def test_sharded_load_keeps_adams_step_on_the_cpu(tmp_path, monkeypatch):
+    """A sharded (DCP) load reads each optimizer state onto its parameter's device, except the 0-dim ones (Adam's
+    step), which stay on the CPU as torch keeps them. Parameters on the meta device stand in for an accelerator."""
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_moe.distributed import sharded_checkpoint as sc
+    from lightning_moe.distributed.shard_layout import OptimizerLayout, ShardLayout
+
+    from helpers import TinyMoE
+
+    model, layout = TinyMoE(), ShardLayout([])
+    opt = torch.optim.Adam(model.parameters())
+    model.task_loss((torch.randn(4, 8), torch.randn(4))).backward()
+    opt.step()
+    olayout = OptimizerLayout(opt, model, layout)
+    sc.save_sharded({"state_dict": sc.sharded_model_state(model.state_dict(), layout, None),
+                     "optimizer_states": [sc.sharded_optimizer_state(opt, olayout, None)]}, tmp_path / "ckpt", True)
+    with torch.device("meta"):
+        target = TinyMoE()
+    target_opt = torch.optim.Adam(target.parameters())
+    templates: dict = {}
+    monkeypatch.setattr(dcp, "load", lambda template, **kwargs: templates.update(template))
+    sc.load_sharded(tmp_path / "ckpt", target.state_dict(), [OptimizerLayout(target_opt, target, layout)], layout, None)
+    devices = {key.rsplit("/", 1)[-1]: set() for key in templates if key.startswith("optim")}
+    for key, value in templates.items():
+        if key.startswith("optim"):
+            devices[key.rsplit("/", 1)[-1]].add(value.device.type)
+    assert devices == {"step": {"cpu"}, "exp_avg": {"meta"}, "exp_avg_sq": {"meta"}}
+
+
+def test_running_weights_only_reads_the_trainer_entry_points_argument():
+    """Trainer._run still takes weights_only (read from its frame by _compat.running_weights_only)."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    from lightning_moe import _compat
+
+    assert "weights_only" in inspect.signature(Trainer._run).parameters
+    assert _compat.running_weights_only() is None  # outside a Trainer entry point

@@ -10,7 +10,9 @@ strategy owns the groups and calls these after the last backward of an optimizer
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -132,6 +134,44 @@ class PendingReduction:
 
     def clear(self) -> None:
         self._pending.clear()
+
+
+class HandClipWatch:
+    """Calls ``on_call(parameters)`` before every ``torch.nn.utils.clip_grad_norm_`` while installed.
+
+    Under expert parallelism a hand call sees only this rank's experts: each rank computes another
+    norm, scales its dense gradients by another factor, and the dense replicas drift apart. The
+    strategy installs this while it is set up, to reduce pending expert gradients first and to
+    warn. Catches calls made through the module attribute (``torch.nn.utils.clip_grad_norm_(...)``,
+    Lightning's own clipping included), not a reference imported before the strategy was set up.
+    """
+
+    _MODULES = (torch.nn.utils, torch.nn.utils.clip_grad)
+
+    def __init__(self, on_call: Callable[[list[Tensor]], None]) -> None:
+        self._on_call = on_call
+        self._original: Callable[..., Tensor] | None = None
+
+    def install(self) -> None:
+        if self._original is not None:
+            return
+        original = self._original = torch.nn.utils.clip_grad_norm_
+
+        @functools.wraps(original)
+        def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], *args: Any, **kwargs: Any) -> Tensor:
+            params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+            self._on_call(params)
+            return original(params, *args, **kwargs)
+
+        for module in self._MODULES:
+            module.clip_grad_norm_ = clip_grad_norm_
+
+    def uninstall(self) -> None:
+        if self._original is None:
+            return
+        for module in self._MODULES:
+            module.clip_grad_norm_ = self._original
+        self._original = None
 
 
 def buckets(tensors: list[Tensor], bucket_numel: int = BUCKET_NUMEL) -> list[list[Tensor]]:

@@ -164,8 +164,12 @@ def load_sharded(path: Path, local_state: Mapping[str, Tensor], olayouts: list[O
         if kind == GROUPED and like is not None and len(size) and size[0] == shard.num_experts and mesh is not None:
             local = torch.empty((shard.num_local, *size[1:]), dtype=dtype, device=like.device)
             template[key] = _dtensor(local, shard, mesh)
+        elif like is None or (key.startswith("optim") and not len(size)):
+            # A 0-dim optimizer state (Adam's step) stays on the CPU, where torch keeps it unless the optimizer
+            # is capturable or fused (its load_state_dict then moves it to the parameter's device itself).
+            template[key] = torch.empty(size, dtype=dtype, device="cpu")
         else:
-            template[key] = torch.empty(size, dtype=dtype, device=like.device if like is not None else "cpu")
+            template[key] = torch.empty(size, dtype=dtype, device=like.device)
 
     for name, tensor in local_state.items():
         kind, shard, _, _ = layout.classify(name)

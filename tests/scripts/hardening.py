@@ -59,11 +59,15 @@ def manual() -> None:
                 self.manual_backward(0.5 * nn.functional.mse_loss(self(x[rows]), y[rows]))
             if PARAMS.get("clip"):
                 self.clip_gradients(opt, gradient_clip_val=PARAMS["clip"], gradient_clip_algorithm="norm")
+            if PARAMS.get("hand_clip"):  # experts replicated (ep=1): a hand clip sees every expert
+                torch.nn.utils.clip_grad_norm_(self.parameters(), PARAMS["hand_clip"])
             opt.step()
             opt.zero_grad()
 
+    import lightning_moe as lmoe
+
     model = Manual()
-    tr = trainer()
+    tr = trainer(strategy=lmoe.MoEStrategy(expert_parallel_size=PARAMS.get("ep")))
     tr.fit(model)
     save_state(tr, model, "manual")
     write_result({"steps": tr.global_step}, rank=tr.global_rank)
@@ -286,9 +290,72 @@ def magnitude_and_expert_pruning() -> None:
     write_result(report, rank=tr.global_rank)
 
 
+# -- defect 8: smaller ones -------------------------------------------------------------------------------------
+
+
+class Tag:
+    """A hyperparameter torch.load(weights_only=True) refuses to unpickle (not an allow-listed type)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def smaller() -> None:
+    """At ep=2: clip_grad_norm_ by hand (warned once); resume a checkpoint that needs weights_only=False, in both
+    formats; predict with 3 batches on rank 0 and 2 on rank 1 (a clear error before the first batch)."""
+    import warnings
+
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_moe as lmoe
+
+    from ep_models import Model, make_data
+
+    result: dict = {}
+    rank = int(__import__("os").environ.get("LOCAL_RANK", 0))
+
+    class HandClip(Model):
+        def on_before_optimizer_step(self, optimizer):
+            torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=3).fit(HandClip())
+    result["hand_clip_warnings"] = [str(w.message) for w in caught if "clip_grad_norm_" in str(w.message)]
+    write_result(result, rank=rank)
+
+    class Tagged(Model):
+        def __init__(self, tag: Tag | None = None, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.save_hyperparameters()
+
+    for fmt in ("full", "sharded"):
+        ckpt = L.callbacks.ModelCheckpoint(dirpath=out_dir() / fmt, filename="last", save_top_k=-1)
+        strategy = lmoe.MoEStrategy(checkpoint=fmt)
+        trainer(max_steps=2, strategy=strategy, callbacks=[ckpt], enable_checkpointing=True).fit(Tagged(Tag("x")))
+        tr = trainer(max_steps=3, strategy=lmoe.MoEStrategy(checkpoint=fmt))
+        try:
+            tr.fit(Tagged(Tag("x")), ckpt_path=out_dir() / fmt / "last.ckpt", weights_only=False)
+            result[f"resumed_{fmt}"] = tr.global_step
+        except Exception as err:  # noqa: BLE001 (reported to the test)
+            result[f"resumed_{fmt}"] = f"{type(err).__name__}: {err}"[:300]
+        write_result(result, rank=rank)
+
+    x, y = make_data(3)
+    per_rank = 3 - rank  # rank 0: 3 batches, rank 1: 2
+    loader = DataLoader(TensorDataset(x[: 4 * per_rank], y[: 4 * per_rank]), batch_size=4)
+    try:
+        trainer().predict(Model(), dataloaders=loader)
+        result["predict"] = "no error"
+    except ValueError as err:
+        result["predict"] = str(err)
+    write_result(result, rank=rank)
+
+
 SCENARIOS = {"manual": manual, "save_after_stages": save_after_stages, "optimizer_states": optimizer_states,
              "low_rank": low_rank, "prune_resume": prune_resume,
-             "magnitude_and_expert_pruning": magnitude_and_expert_pruning}
+             "magnitude_and_expert_pruning": magnitude_and_expert_pruning, "smaller": smaller}
 
 
 def body() -> None:
