@@ -26,6 +26,14 @@ from lightning_moe.nn.experts import GroupedExperts, activation_function
 from lightning_moe.nn.moe import find_moe_layers
 
 WEIGHTS = ("w1", "w2", "w3")
+SUPPORTED_ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
+
+
+def _check_supported(owner: str, experts: GroupedExperts) -> None:
+    """Refuse banks whose computation the compressed banks do not reproduce (rather than change it silently)."""
+    if experts.activation not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"{owner}: experts with activation={experts.activation!r} are not supported (only "
+                         f"{SUPPORTED_ACTIVATIONS}); leave those layers uncompressed")
 KERNELS = ("dequant", "int8_mm")
 
 
@@ -208,6 +216,7 @@ class QuantizedGroupedExperts(nn.Module):
         if bits != 8:
             raise ValueError(f"{cls.__name__}: bits={bits} must be 8; only int8 weight-only quantization is "
                              "implemented")
+        _check_supported(cls.__name__, experts)
         bias = experts.b1 is not None
         out = cls(experts.num_experts, experts.dim, experts.hidden_dim, experts.activation, bias=bias, kernel=kernel,
                   bias_dtype=experts.w1.dtype, device=experts.w1.device)
@@ -403,6 +412,7 @@ class LowRankGroupedExperts(nn.Module):
         A weight stays dense when ``rank * (I + O) >= I * O`` (factoring would not save).
         ``ranks`` (``{"w1": r, ...}``) fixes the rank of the weights it names, over ``rank`` / ``energy``.
         """
+        _check_supported(cls.__name__, experts)
         out = cls(experts.num_experts, experts.dim, experts.hidden_dim, experts.activation)
         out.expert_offset = experts.expert_offset
         for name in WEIGHTS:

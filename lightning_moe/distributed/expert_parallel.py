@@ -39,7 +39,7 @@ from lightning_moe.nn.dispatch import DispatchPlan, expert_output_dtype
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
 from lightning_moe.nn.moe import MoE, find_moe_layers
 
-GROUPED_PARAMS = ("w1", "w2", "w3", "b1", "b2")
+GROUPED_PARAMS = ("w1", "w2", "w3", "b1", "b2", "b3")
 # Per-forward routing stats of the layer: rank-local values, never broadcast by DDP.
 STAT_BUFFERS = ("tokens_per_expert", "dropped_tokens", "routed_tokens", "router_entropy")
 

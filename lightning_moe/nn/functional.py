@@ -14,16 +14,38 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SCORE_FUNCS = ("softmax", "sigmoid")
+SCORE_FUNCS = ("softmax", "sigmoid", "softmax_topk")
 
 
 def router_scores(logits_TE: Tensor, score_func: str) -> Tensor:
-    """Turn router logits into per-expert scores in [0, 1]."""
-    if score_func == "softmax":
+    """Turn router logits into per-expert scores in [0, 1].
+
+    ``"softmax_topk"`` (GPT-OSS) weights the chosen experts by a softmax over their k logits only
+    (see :func:`topk_routing`); its per-expert scores, used by the balancing loss and the stats,
+    are the softmax over all experts, as for ``"softmax"``.
+    """
+    if score_func in ("softmax", "softmax_topk"):
         return torch.softmax(logits_TE, dim=-1)
     if score_func == "sigmoid":
         return torch.sigmoid(logits_TE)
     raise ValueError(f"score_func={score_func!r} must be one of {SCORE_FUNCS}")
+
+
+def group_limited_mask(selection_TE: Tensor, num_groups: int, top_groups: int) -> Tensor:
+    """Bool ``[T, E]`` mask of the experts in each token's ``top_groups`` best expert groups (DeepSeek-V3).
+
+    Experts form ``num_groups`` contiguous groups of ``E / num_groups``; a group scores the sum of its
+    two highest selection scores (its one score when a group holds a single expert), and each token
+    keeps the experts of its ``top_groups`` best groups. Node-limited routing: with one group per
+    device or node, a token's experts span at most ``top_groups`` of them.
+    """
+    num_tokens, num_experts = selection_TE.shape
+    per_group = num_experts // num_groups
+    scores_TGX = selection_TE.reshape(num_tokens, num_groups, per_group)
+    group_scores_TG = scores_TGX.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+    top_group_TG = torch.topk(group_scores_TG, top_groups, dim=-1, sorted=False).indices
+    keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, top_group_TG, True)
+    return keep_TG[:, :, None].expand(-1, -1, per_group).reshape(num_tokens, num_experts)
 
 
 def topk_routing(
@@ -32,11 +54,15 @@ def topk_routing(
     expert_bias_E: Tensor | None = None,
     normalize_weights: bool = True,
     valid_T: Tensor | None = None,
+    num_groups: int = 1,
+    top_groups: int = 1,
+    routed_scaling_factor: float = 1.0,
+    softmax_topk: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Token-choice top-k: each token picks its ``top_k`` highest-scoring experts.
 
     Args:
-        scores_TE: router scores (softmax or sigmoid), float32.
+        scores_TE: router scores (softmax or sigmoid), float32; the raw logits when ``softmax_topk``.
         top_k: experts per token.
         expert_bias_E: aux-loss-free balancing bias (DeepSeek-V3); shifts which experts are
             *chosen*, never the weights the chosen experts get.
@@ -45,16 +71,31 @@ def topk_routing(
             (Switch Transformer scales by the raw probability).
         valid_T: bool mask of tokens to route; the others get expert id ``E`` (a sentinel past the
             last expert, so sorting pushes them to the end) and weight 0.
+        num_groups: > 1 limits each token to the experts of ``top_groups`` of ``num_groups``
+            contiguous expert groups (DeepSeek-V3's ``n_group``/``topk_group``, see
+            :func:`group_limited_mask`); groups are ranked on the biased selection scores.
+        top_groups: groups a token may use when ``num_groups > 1``.
+        routed_scaling_factor: multiplies the final weights (DeepSeek-V3), after normalization.
+        softmax_topk: ``scores_TE`` are logits; choose by them and weight the chosen experts by a
+            softmax over their k logits (GPT-OSS). The weights sum to 1 whatever ``normalize_weights``.
 
     Returns:
         ``(top_ids_TK, top_weights_TK)``: int64 expert ids and float weights.
     """
     selection_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E.to(scores_TE.dtype)
+    selection_TE = selection_TE.detach()
+    if num_groups > 1:
+        keep_TE = group_limited_mask(selection_TE, num_groups, top_groups)
+        selection_TE = selection_TE.masked_fill(~keep_TE, float("-inf"))
     # NaN scores (NaN inputs) still yield ids in [0, E): topk never returns an out-of-range index.
-    top_ids_TK = torch.topk(selection_TE.detach(), top_k, dim=-1, sorted=True).indices
+    top_ids_TK = torch.topk(selection_TE, top_k, dim=-1, sorted=True).indices
     top_weights_TK = scores_TE.gather(-1, top_ids_TK)
-    if normalize_weights and top_k > 1:
+    if softmax_topk:
+        top_weights_TK = torch.softmax(top_weights_TK, dim=-1)
+    elif normalize_weights and top_k > 1:
         top_weights_TK = top_weights_TK / top_weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    if routed_scaling_factor != 1.0:
+        top_weights_TK = top_weights_TK * routed_scaling_factor
     if valid_T is not None:
         num_experts = scores_TE.shape[-1]
         top_ids_TK = torch.where(valid_T[:, None], top_ids_TK, num_experts)

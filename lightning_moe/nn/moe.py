@@ -34,9 +34,13 @@ class MoE(nn.Module):
         num_experts: number of routed experts E.
         top_k: experts per token (token choice) or average experts per token (expert choice).
         hidden_dim: expert hidden width; default ``4 * dim``.
-        activation: ``"gelu" | "relu" | "silu" | "swiglu"``.
+        activation: ``"gelu" | "relu" | "silu" | "swiglu" | "swiglu_oai"`` (GPT-OSS's clamped SwiGLU,
+            see ``swiglu_alpha``/``swiglu_limit``).
         router: ``"token_choice" | "expert_choice"``.
-        score_func: ``"softmax" | "sigmoid"``.
+        score_func: ``"softmax" | "sigmoid" | "softmax_topk"``. ``"softmax_topk"`` (GPT-OSS, token
+            choice) chooses by logit and weights the chosen experts by a softmax over their k logits;
+            it equals ``"softmax"`` with ``normalize_weights=True`` for ``top_k > 1``, and gives weight
+            1.0 at ``top_k=1`` (Mixtral-style renormalisation).
         capacity_factor: None for dropless; a float > 0 gives each expert
             ``ceil(capacity_factor * T * top_k / E)`` slots and drops (and counts) what overflows.
             Expert choice uses it for its per-expert capacity (default 1.0).
@@ -51,6 +55,23 @@ class MoE(nn.Module):
         expert: optional template ``nn.Module`` (D -> D), deep-copied and re-initialised per expert.
         bias: give the stacked experts per-expert biases (as ``nn.Linear`` has).
         check_finite: raise ``FloatingPointError`` when router logits are not finite (costs a sync).
+        router_bias: give the router's gate a learned bias (logit offset per expert, GPT-OSS);
+            initialised to zero.
+        use_expert_bias: add the ``expert_bias`` buffer to the scores when choosing experts even
+            with ``bias_update_rate=0``: a fixed, loaded score correction (DeepSeek-V3's
+            ``e_score_correction_bias``). Selection only; weights come from the raw scores.
+        num_groups: > 1 enables group-limited routing (DeepSeek-V3 ``n_group``): the experts form
+            ``num_groups`` contiguous groups, each token picks its ``top_groups`` best groups (a group
+            scores the sum of its two best selection scores) and its ``top_k`` experts inside them.
+        top_groups: groups a token may use (DeepSeek-V3 ``topk_group``); needs ``num_groups > 1``.
+        routed_scaling_factor: multiplies the routed experts' weights after normalization
+            (DeepSeek-V3); shared experts are not scaled.
+        shared_expert_gate: scale the shared experts' output per token by ``sigmoid(x @ g)``, a
+            learned ``Linear(dim, 1, bias=False)`` (Qwen2-MoE); needs ``num_shared_experts > 0``.
+        shared_expert_hidden_dim: hidden width of the fused shared-experts MLP; default
+            ``num_shared_experts * hidden_dim``.
+        swiglu_alpha: ``activation="swiglu_oai"``: sigmoid slope (default 1.702).
+        swiglu_limit: ``activation="swiglu_oai"``: clamp of the gate and up projections (default 7.0).
         device: where to create parameters (``"meta"`` builds without memory).
         dtype: parameter dtype; the router still computes in float32.
 
@@ -94,6 +115,15 @@ class MoE(nn.Module):
         expert: nn.Module | None = None,
         bias: bool = False,
         check_finite: bool = False,
+        router_bias: bool = False,
+        use_expert_bias: bool = False,
+        num_groups: int = 1,
+        top_groups: int = 1,
+        routed_scaling_factor: float = 1.0,
+        shared_expert_gate: bool = False,
+        shared_expert_hidden_dim: int | None = None,
+        swiglu_alpha: float | None = None,
+        swiglu_limit: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -101,6 +131,9 @@ class MoE(nn.Module):
         hidden_dim = 4 * dim if hidden_dim is None and isinstance(dim, int) else hidden_dim
         self._validate(dim, num_experts, top_k, hidden_dim, activation, router, score_func, capacity_factor,
                        num_shared_experts, aux_loss_coef, z_loss_coef, bias_update_rate, router_jitter, expert)
+        self._validate_published_options(num_experts, top_k, activation, router, score_func, num_shared_experts,
+                                         use_expert_bias, num_groups, top_groups, routed_scaling_factor,
+                                         shared_expert_gate, shared_expert_hidden_dim, swiglu_alpha, swiglu_limit)
         self.dim = dim
         self.num_experts = num_experts
         self.top_k = top_k
@@ -116,26 +149,39 @@ class MoE(nn.Module):
         self.router_jitter = router_jitter
         self.normalize_weights = normalize_weights
         self.check_finite = check_finite
+        self.router_bias = router_bias
+        self.use_expert_bias = use_expert_bias
+        self.num_groups = num_groups
+        self.top_groups = top_groups
+        self.routed_scaling_factor = routed_scaling_factor
+        self.shared_expert_gate = shared_expert_gate
+        self.shared_expert_hidden_dim = (shared_expert_hidden_dim or hidden_dim * num_shared_experts
+                                         if num_shared_experts else None)
         self.layer_name: str | None = None  # set by MoELightningModule to the module path
         factory = {"device": device, "dtype": dtype}
+        swiglu = {"swiglu_alpha": swiglu_alpha, "swiglu_limit": swiglu_limit}
 
         if router == "token_choice":
             self.router: nn.Module = TokenChoiceRouter(
-                dim, num_experts, top_k, score_func, normalize_weights, router_jitter, bias_update_rate, **factory
+                dim, num_experts, top_k, score_func, normalize_weights, router_jitter, bias_update_rate,
+                bias=router_bias, use_expert_bias=use_expert_bias, num_groups=num_groups, top_groups=top_groups,
+                routed_scaling_factor=routed_scaling_factor, **factory
             )
         else:
             self.router = ExpertChoiceRouter(
-                dim, num_experts, top_k, capacity_factor or 1.0, score_func, router_jitter, **factory
+                dim, num_experts, top_k, capacity_factor or 1.0, score_func, router_jitter, bias=router_bias, **factory
             )
         if expert is None:
-            self.experts: nn.Module = GroupedExperts(num_experts, dim, hidden_dim, activation, bias=bias, **factory)
+            self.experts: nn.Module = GroupedExperts(num_experts, dim, hidden_dim, activation, bias=bias, **swiglu,
+                                                     **factory)
         else:
             self.experts = TemplateExperts(expert, num_experts)
         self.shared_experts = (
-            GroupedExperts(1, dim, hidden_dim * num_shared_experts, activation, bias=bias, **factory)
+            GroupedExperts(1, dim, self.shared_expert_hidden_dim, activation, bias=bias, **swiglu, **factory)
             if num_shared_experts
             else None
         )
+        self.shared_gate = nn.Linear(dim, 1, bias=False, **factory) if shared_expert_gate else None
         # Replaced from outside (expert_dispatcher) by the expert-parallel strategy; the layer knows no process group.
         self.dispatcher: ExpertDispatcher = LocalDispatcher()
         self.forward_count = 0
@@ -185,10 +231,57 @@ class MoE(nn.Module):
         if expert is not None and not isinstance(expert, nn.Module):
             raise ValueError(f"{name}: expert={type(expert).__name__} must be an nn.Module mapping dim -> dim")
 
+    def _validate_published_options(self, num_experts, top_k, activation, router, score_func, num_shared_experts,
+                                    use_expert_bias, num_groups, top_groups, routed_scaling_factor,
+                                    shared_expert_gate, shared_expert_hidden_dim, swiglu_alpha, swiglu_limit) -> None:
+        """The options that published MoE models need (GPT-OSS, DeepSeek-V3, Qwen2-MoE)."""
+        name = type(self).__name__
+        token_choice_only = {"score_func='softmax_topk'": score_func == "softmax_topk",
+                             f"num_groups={num_groups}": num_groups != 1,
+                             f"routed_scaling_factor={routed_scaling_factor}": routed_scaling_factor != 1.0,
+                             "use_expert_bias=True": bool(use_expert_bias)}
+        for arg, used in token_choice_only.items():
+            if used and router != "token_choice":
+                raise ValueError(f"{name}: {arg} needs router='token_choice'; drop it for expert choice")
+        for arg, value in (("num_groups", num_groups), ("top_groups", top_groups)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: {arg}={value!r} must be a positive int (1 disables group-limited routing)")
+        if num_experts % num_groups:
+            raise ValueError(f"{name}: num_groups={num_groups} must divide num_experts={num_experts}")
+        if top_groups > num_groups:
+            raise ValueError(f"{name}: top_groups={top_groups} must be <= num_groups={num_groups}")
+        if num_groups > 1 and top_k > top_groups * (num_experts // num_groups):
+            raise ValueError(f"{name}: top_k={top_k} exceeds the {top_groups * (num_experts // num_groups)} experts of "
+                             f"top_groups={top_groups} groups; raise top_groups or lower top_k")
+        if not (isinstance(routed_scaling_factor, (int, float)) and routed_scaling_factor > 0):
+            raise ValueError(f"{name}: routed_scaling_factor={routed_scaling_factor!r} must be a number > 0 "
+                             "(1.0 leaves the weights as they are)")
+        if shared_expert_gate and not num_shared_experts:
+            raise ValueError(f"{name}: shared_expert_gate=True needs num_shared_experts > 0")
+        if shared_expert_hidden_dim is not None:
+            if not num_shared_experts:
+                raise ValueError(f"{name}: shared_expert_hidden_dim={shared_expert_hidden_dim} needs "
+                                 "num_shared_experts > 0")
+            if not isinstance(shared_expert_hidden_dim, int) or shared_expert_hidden_dim <= 0:
+                raise ValueError(f"{name}: shared_expert_hidden_dim={shared_expert_hidden_dim!r} must be a positive "
+                                 "int")
+        for arg, value in (("swiglu_alpha", swiglu_alpha), ("swiglu_limit", swiglu_limit)):
+            if value is not None and activation != "swiglu_oai":
+                raise ValueError(f"{name}: {arg}={value!r} applies to activation='swiglu_oai' only "
+                                 f"(activation={activation!r}); drop it or switch the activation")
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}: {arg}={value!r} must be > 0")
+
     def extra_repr(self) -> str:
         drop = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
+        options = [f"{arg}={value!r}" for arg, value, default in (
+            ("router_bias", self.router_bias, False), ("use_expert_bias", self.use_expert_bias, False),
+            ("num_groups", self.num_groups, 1), ("top_groups", self.top_groups, 1),
+            ("routed_scaling_factor", self.routed_scaling_factor, 1.0),
+            ("shared_expert_gate", self.shared_expert_gate, False)) if value != default]
         return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, router={self.router_type!r}, "
-                f"score_func={self.score_func!r}, {drop}, num_shared_experts={self.num_shared_experts}")
+                f"score_func={self.score_func!r}, {drop}, num_shared_experts={self.num_shared_experts}"
+                + "".join(f", {o}" for o in options))
 
     def __getstate__(self) -> dict:
         # The last forward's losses are non-leaf tensors with a graph: copy.deepcopy and pickle
@@ -290,9 +383,16 @@ class MoE(nn.Module):
         else:
             out_TD = self._expert_choice(x_TD, valid_T)
         if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD, [x_TD.shape[0]])
+            out_TD = out_TD + self._shared(x_TD)
         self.forward_count += 1
         return out_TD.reshape(x.shape)
+
+    def _shared(self, x_TD: Tensor) -> Tensor:
+        """Shared experts on every token, scaled by their sigmoid gate when ``shared_expert_gate``."""
+        y_TD = self.shared_experts(x_TD, [x_TD.shape[0]])
+        if self.shared_gate is not None:
+            y_TD = torch.sigmoid(self.shared_gate(x_TD)) * y_TD
+        return y_TD
 
     def _token_choice(self, x_TD: Tensor, valid_T: Tensor | None) -> Tensor:
         num_tokens = x_TD.shape[0]
