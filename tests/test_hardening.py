@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
-from hardening import DEAD, REVIVE, optimizer_model  # noqa: E402
+from hardening import DEAD, REVIVE, checkpointed_model, optimizer_model  # noqa: E402
 
 from lightning_moe.strategy import consolidate_checkpoint  # noqa: E402
 
@@ -351,3 +351,52 @@ def test_running_weights_only_reads_the_trainer_entry_points_argument():
 
     assert "weights_only" in inspect.signature(Trainer._run).parameters
     assert _compat.running_weights_only() is None  # outside a Trainer entry point
+
+
+# -- defect 9 ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [False, True], ids=["non_reentrant", "reentrant"])
+def test_activation_checkpointing_same_gradients_and_counts_once(tmp_path, mode):
+    """Two MoE blocks under torch.utils.checkpoint, with gradient accumulation: the same weights (aux and z losses
+    included, through the recomputed router) and expert biases as without checkpointing, and the counts that feed
+    bias balancing, the ExpertLoad metric, ExpertLoadMonitor and ExpertPruning counted once per forward."""
+    pytest.importorskip("matplotlib")
+    from lightning_moe.callbacks import ExpertLoadMonitor, ExpertPruning
+
+    from helpers import RegressionData, make_trainer
+
+    class Recording(ExpertLoadMonitor):
+        def render(self, names, counts, dropped_share, step):
+            self.renders = [*getattr(self, "renders", []), [c.clone() for c in counts]]
+            return super().render(names, counts, dropped_share, step)
+
+    runs = {}
+    for m in (None, mode):
+        model = checkpointed_model(m)
+        monitor, pruning = Recording(every_n_steps=1, figsize=(3, 2), dpi=20), ExpertPruning(keep=2, at_epoch=9)
+        trainer = make_trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[monitor, pruning],
+                               default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=RegressionData(n=48, offset=1.5))
+        runs[m] = (model, monitor.renders, pruning.counts, model.load.compute())
+    (plain, renders, counts, load), (ckpt, ckpt_renders, ckpt_counts, ckpt_load) = runs[None], runs[mode]
+    assert _max_diff(ckpt.state_dict(), plain.state_dict()) < 1e-6
+    assert plain.blocks[0].router.expert_bias.abs().sum() > 0  # balancing moved the biases
+    assert len(ckpt_renders) == len(renders) == 3
+    assert all(torch.equal(a, b) for r, s in zip(renders, ckpt_renders, strict=True) for a, b in zip(r, s, strict=True))
+    assert counts.keys() == ckpt_counts.keys() and all(torch.equal(counts[k], ckpt_counts[k]) for k in counts)
+    assert int(counts["blocks.0"].sum()) == 48 * 2  # 48 tokens x top-2, each counted once
+    assert torch.equal(load, ckpt_load) and int(load.sum()) == 48 * 2
+
+
+@pytest.mark.distributed
+def test_activation_checkpointing_under_expert_parallelism(tmp_path):
+    """ep=2, gradient accumulation, both checkpoint modes: the weights, expert biases and ExpertPruning counts of
+    a run without checkpointing (the recompute's all-to-alls run in backward on every rank)."""
+    run = _scenario("checkpointing", tmp_path, timeout=300)
+    plain = torch.load(tmp_path / "ckpt_none.pt", weights_only=True)
+    assert plain["blocks.0.router.expert_bias"].abs().sum() > 0
+    for mode in ("non_reentrant", "reentrant"):
+        assert _max_diff(torch.load(tmp_path / f"ckpt_{mode}.pt", weights_only=True), plain) < 1e-6, mode
+        for result in run.results:
+            assert result[mode] == result["none"], mode

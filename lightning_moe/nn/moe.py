@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.nn import functional as MF
+from lightning_moe.nn import recompute
 from lightning_moe.nn.dispatch import ExpertDispatcher, LocalDispatcher
 from lightning_moe.nn.experts import ACTIVATIONS, GroupedExperts, TemplateExperts
 from lightning_moe.nn.router import ExpertChoiceRouter, TokenChoiceRouter
@@ -199,7 +200,9 @@ class MoE(nn.Module):
         self._load_balancing_loss: Tensor | None = None
         self._z_loss: Tensor | None = None
         # A state saved after expert pruning holds fewer experts: loading it shrinks the layer first.
-        self.register_load_state_dict_pre_hook(_shrink_to_saved_experts)
+        from lightning_moe.prune import shrink_to_saved_hook  # the expert surgery, which imports this module
+
+        self.register_load_state_dict_pre_hook(shrink_to_saved_hook)
 
     def _validate(self, dim, num_experts, top_k, hidden_dim, activation, router, score_func, capacity_factor,
                   num_shared_experts, aux_loss_coef, z_loss_coef, bias_update_rate, router_jitter, expert) -> None:
@@ -384,6 +387,7 @@ class MoE(nn.Module):
             out_TD = self._expert_choice(x_TD, valid_T)
         if self.shared_experts is not None:
             out_TD = out_TD + self._shared(x_TD)
+        out_TD = recompute.after_forward(self, out_TD, self.aux_loss)  # reentrant activation checkpointing
         self.forward_count += 1
         return out_TD.reshape(x.shape)
 
@@ -491,9 +495,3 @@ def find_moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
         [('1', 'MoE')]
     """
     return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
-
-
-def _shrink_to_saved_experts(layer: MoE, state_dict: dict, prefix: str, *args) -> None:
-    from lightning_moe.prune import shrink_to_saved_hook  # the expert surgery, which imports this module
-
-    shrink_to_saved_hook(layer, state_dict, prefix, *args)

@@ -353,9 +353,70 @@ def smaller() -> None:
     write_result(result, rank=rank)
 
 
+# -- defect 9: activation checkpointing -----------------------------------------------------------------------
+
+
+def checkpointed_model(mode: bool | None, **moe):
+    """Linear -> 2 residual MoE blocks, each under torch.utils.checkpoint (use_reentrant=mode; None: no checkpoint)
+    -> head, with aux and z losses, bias balancing, and an ExpertLoad metric updated every step."""
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    import lightning_moe as lmoe
+    from lightning_moe.metrics import ExpertLoad
+
+    class Checkpointed(lmoe.MoELightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.inp = nn.Linear(8, 8)
+            kwargs = dict(top_k=2, hidden_dim=16, aux_loss_coef=0.1, z_loss_coef=0.01, bias_update_rate=0.05, **moe)
+            self.blocks = nn.ModuleList([lmoe.MoE(8, 4, **kwargs) for _ in range(2)])
+            self.head = nn.Linear(8, 1)
+            self.load = ExpertLoad(num_experts=4)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            for block in self.blocks:
+                if mode is None:
+                    h = h + block(h)
+                else:
+                    h = h + checkpoint(block, h, use_reentrant=mode)
+            return self.head(h).squeeze(-1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.mse_loss(self(x), y)
+            self.load.update(self.blocks[0])
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Checkpointed()
+
+
+def checkpointing() -> None:
+    """ep=2, accumulate_grad_batches=2, 3 steps, each rank its own data: without checkpointing, then under
+    torch.utils.checkpoint non-reentrant and reentrant; weights (expert biases included) and pruning counts."""
+    from lightning_moe.callbacks import ExpertPruning
+
+    from helpers import RegressionData
+
+    result: dict = {}
+    for name, mode in (("none", None), ("non_reentrant", False), ("reentrant", True)):
+        model, pruning = checkpointed_model(mode), ExpertPruning(keep=2, at_epoch=9)
+        tr = trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[pruning], reload_dataloaders_every_n_epochs=0)
+        tr.fit(model, datamodule=RegressionData(n=48, offset=1.5, seed=tr.global_rank))
+        save_state(tr, model, f"ckpt_{name}")
+        result[name] = {k: v.tolist() for k, v in pruning.counts.items()}
+    write_result(result, rank=tr.global_rank)
+
+
 SCENARIOS = {"manual": manual, "save_after_stages": save_after_stages, "optimizer_states": optimizer_states,
              "low_rank": low_rank, "prune_resume": prune_resume,
-             "magnitude_and_expert_pruning": magnitude_and_expert_pruning, "smaller": smaller}
+             "magnitude_and_expert_pruning": magnitude_and_expert_pruning, "smaller": smaller,
+             "checkpointing": checkpointing}
 
 
 def body() -> None:
