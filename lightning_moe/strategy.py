@@ -32,7 +32,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_moe import _compat, prune
-from lightning_moe.distributed import full_checkpoint, gradients, launcher, sharded_checkpoint
+from lightning_moe.distributed import atomic, full_checkpoint, gradients, launcher, sharded_checkpoint
 from lightning_moe.distributed.expert_parallel import (
     check_expert_parallel_size,
     expert_parameters,
@@ -394,17 +394,29 @@ class MoEStrategy(DDPStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _compat.PATH,
                         storage_options: Any | None = None) -> None:
+        # Both formats are written under a temporary name and renamed once complete (distributed/atomic.py):
+        # a rank killed during a save leaves the previous checkpoint loadable.
         if self._checkpoint == "full":
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
+            if not atomic.is_local(filepath):
+                return super().save_checkpoint(checkpoint, filepath, storage_options)
+            if self.is_global_zero:
+                atomic.write_file(lambda p: self.checkpoint_io.save_checkpoint(checkpoint, p, storage_options),
+                                  Path(filepath))
+            return None
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}(checkpoint='sharded') writes with torch.distributed.checkpoint "
                             "and takes no storage_options")
         path = Path(self.broadcast(str(filepath)))
-        if self.is_global_zero and path.is_file():
-            path.unlink()
+        partial = atomic.partial_path(path)
+        if self.is_global_zero:
+            atomic.clear_partial(path)
         self.barrier()
-        sharded_checkpoint.save_sharded(checkpoint, path, self.is_global_zero)
+        sharded_checkpoint.save_sharded(checkpoint, partial, self.is_global_zero)
         self.barrier()
+        if self.is_global_zero:
+            atomic.replace_directory(partial, path)
+        self.barrier()
+        return None
 
     @override
     def load_checkpoint(self, checkpoint_path: _compat.PATH, weights_only: bool | None = None) -> dict[str, Any]:
