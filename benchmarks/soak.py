@@ -31,16 +31,14 @@ import lightning.pytorch as L  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import lightning_moe  # noqa: E402, F401  (registers strategy="moe")
+from lightning_moe.memory import rss_bytes  # noqa: E402
 from lightning_moe.metrics import ExpertLoad  # noqa: E402
 
 from helpers import RegressionData, TinyMoE  # noqa: E402
 
-PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
-
 
 def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE_MIB
+    return rss_bytes() / 2**20
 
 
 def slope_per_100_steps(samples: list[tuple[int, float]]) -> float:
