@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_moe.distributed.expert_parallel import expert_group, expert_shard
+from lightning_moe.distributed.expert_parallel import ExpertParallelDispatcher, expert_group, expert_shard
 from lightning_moe.distributed.gather import gather_experts
 from lightning_moe.distributed.shard_layout import is_per_expert
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
@@ -201,7 +201,6 @@ def remove_sharded_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Se
     # the (unsharded, optimizer-less) full expert tensors is harmless; the router's is needed. Every
     # per-expert tensor of the bank travels under its own name: magnitude pruning's w1_orig and w1_mask
     # too (its forward pre-hook recomputes w1 from them), which is why this does not unshard by weight name.
-    dispatcher = layer.dispatcher
     _replace_rows(bank, shard.num_local, lambda t: gather_experts(t, group))
     bank.num_experts, bank.expert_offset = shard.num_experts, 0
     layer.expert_dispatcher = None
@@ -214,7 +213,7 @@ def remove_sharded_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Se
     lo, hi = new_shard.offset, new_shard.offset + new_shard.num_local
     _replace_rows(bank, new_shard.num_experts, lambda t: t[lo:hi].clone())
     bank.num_experts, bank.expert_offset = new_shard.num_local, lo
-    layer.expert_dispatcher = type(dispatcher)(new_shard, group)
+    layer.expert_dispatcher = ExpertParallelDispatcher(new_shard, group)
     rows_L = keep_K[new_shard.offset:new_shard.offset + new_shard.num_local]
     for attr, old in old_params.items():
         if attr in full_state:
@@ -305,7 +304,7 @@ def shrink_to_saved_hook(layer: MoE, state_dict: Mapping[str, Any], prefix: str,
                              "strategy shrinks it before loading a state saved after pruning, not load_state_dict")
         shrink_to_saved(layer, {"": saved.numel()})
     elif getattr(layer, KEPT_BUFFER, None) is None:  # a layer built at the pruned size: hold the ids too
-        layer.register_buffer(KEPT_BUFFER, torch.zeros_like(saved, device=layer.tokens_per_expert.device))
+        layer.register_buffer(KEPT_BUFFER, torch.zeros_like(saved, device=next(layer.parameters()).device))
 
 
 def remap_optimizers(optimizers: Sequence[torch.optim.Optimizer], remap: Remap) -> None:

@@ -200,6 +200,7 @@ class MoEStrategy(DDPStrategy):
         # Expert names change after setup (magnitude pruning turns w1 into w1_orig + w1_mask, expert pruning
         # replaces parameters): every (re-)wrap keeps the experts' current names out of DDP.
         module = self.lightning_module
+        assert module is not None
         _compat.set_ddp_ignored_names(module, sorted(set(_compat.ddp_ignored_names(module))
                                                      | set(expert_state_names(module))))
         super().configure_ddp()
@@ -207,8 +208,9 @@ class MoEStrategy(DDPStrategy):
     def _shrink_to_saved(self, shapes: Mapping[str, Any]) -> None:
         # A checkpoint written after ExpertPruning holds fewer experts: shrink (and re-shard) those layers
         # before reading their slices, with the optimizers following the new parameters; then re-wrap DDP.
-        optimizers = [_unwrap(o) for o in self.optimizers]
-        if prune.shrink_to_saved(self.lightning_module, prune.saved_expert_counts(shapes), optimizers):
+        optimizers, module = [_unwrap(o) for o in self.optimizers], self.lightning_module
+        assert module is not None
+        if prune.shrink_to_saved(module, prune.saved_expert_counts(shapes), optimizers):
             if isinstance(self.model, DistributedDataParallel):
                 self.model = self.lightning_module
                 self.configure_ddp()
@@ -295,8 +297,10 @@ class MoEStrategy(DDPStrategy):
         self._reduce_pending_of([p for group in _unwrap(optimizer).param_groups for p in group["params"]])
 
     def _reduce_pending_of(self, params: list[Tensor]) -> None:
+        module = self.lightning_module
+        assert module is not None
         held = {id(p) for p in params}
-        pending = self._pending_grads.take([p for p in expert_parameters(self.lightning_module) if id(p) in held])
+        pending = self._pending_grads.take([p for p in expert_parameters(module) if id(p) in held])
         if pending:
             self.reduce_expert_gradients(pending)
 
@@ -327,9 +331,9 @@ class MoEStrategy(DDPStrategy):
         Args:
             params: the expert parameters to reduce (default: every trainable one); the same on every rank.
         """
-        if params is None:
-            params = expert_parameters(self.lightning_module)
-        params = [p for p in params if p.requires_grad]
+        module = self.lightning_module
+        assert module is not None
+        params = [p for p in (expert_parameters(module) if params is None else params) if p.requires_grad]
         if not params or self.world_size == 1:
             return
         gradients.reduce_expert_gradients(params, self.expert_data_group, self.world_size, self.root_device)

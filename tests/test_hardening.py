@@ -225,7 +225,11 @@ def test_checkpoint_after_expert_pruning_resumes_and_loads(tmp_path):
     assert torch.equal(loaded(x), uninterrupted(x))
 
 
-def test_expert_load_monitor_follows_expert_pruning(tmp_path):
+@pytest.mark.parametrize(("every", "expected_steps", "expected_sizes"), [
+    (3, [3, 4, 6, 8], [[8, 8], [8, 8], [4, 4], [4, 4]]),  # a window open when pruning: drawn first
+    (4, [4, 8], [[8, 8], [4, 4]]),  # pruning right after a render: nothing to draw first
+])
+def test_expert_load_monitor_follows_expert_pruning(tmp_path, every, expected_steps, expected_sizes):
     """ExpertLoadMonitor across ExpertPruning (8 -> 4 experts at the end of epoch 0, 4 steps an epoch): the window
     before pruning is drawn with 8 experts, the later ones with 4."""
     pytest.importorskip("matplotlib")
@@ -236,11 +240,11 @@ def test_expert_load_monitor_follows_expert_pruning(tmp_path):
             self.renders = [*getattr(self, "renders", []), (step, [c.numel() for c in counts], int(counts[0].sum()))]
             return super().render(names, counts, dropped_share, step)
 
-    monitor = Recording(every_n_steps=3, figsize=(4, 2), dpi=30)
+    monitor = Recording(every_n_steps=every, figsize=(4, 2), dpi=30)
     _pruned_fit(tmp_path, epochs=2, monitor=monitor)
     steps = [step for step, _, _ in monitor.renders]
     sizes = [size for _, size, _ in monitor.renders]
-    assert steps == [3, 4, 6, 8] and sizes == [[8, 8], [8, 8], [4, 4], [4, 4]]
+    assert steps == expected_steps and sizes == expected_sizes
     assert sum(total for _, _, total in monitor.renders) == 32 * 2 * 2  # 32 tokens x top-2, 2 epochs
 
 

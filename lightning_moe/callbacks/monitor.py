@@ -122,7 +122,7 @@ class ExpertLoadMonitor(Callback):
             if self._batches and self._counts is not None:
                 self._render(trainer, pl_module, self._window_step)
             else:
-                self._reset(self._find_layers(pl_module))
+                self._reset(find_moe_layers(pl_module))
             if [id(layer) for layer in before] == [id(layer) for _, layer in self._layers]:
                 self._seen = seen
         # A layer counts when it ran since the last batch.

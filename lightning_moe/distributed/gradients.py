@@ -147,6 +147,7 @@ class HandClipWatch:
     """
 
     _MODULES = (torch.nn.utils, torch.nn.utils.clip_grad)
+    _NAME = "clip_grad_norm_"
 
     def __init__(self, on_call: Callable[[list[Tensor]], None]) -> None:
         self._on_call = on_call
@@ -155,7 +156,7 @@ class HandClipWatch:
     def install(self) -> None:
         if self._original is not None:
             return
-        original = self._original = torch.nn.utils.clip_grad_norm_
+        original = self._original = getattr(torch.nn.utils, self._NAME)
 
         @functools.wraps(original)
         def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], *args: Any, **kwargs: Any) -> Tensor:
@@ -164,13 +165,13 @@ class HandClipWatch:
             return original(params, *args, **kwargs)
 
         for module in self._MODULES:
-            module.clip_grad_norm_ = clip_grad_norm_
+            setattr(module, self._NAME, clip_grad_norm_)
 
     def uninstall(self) -> None:
         if self._original is None:
             return
         for module in self._MODULES:
-            module.clip_grad_norm_ = self._original
+            setattr(module, self._NAME, self._original)
         self._original = None
 
 
