@@ -62,6 +62,8 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
                 "distributed/all_to_all.py: the differentiable token exchange of expert parallelism"),
     PrivateName("torch.distributed._functional_collectives", "wait_tensor", _TORCH,
                 "distributed/all_to_all.py: waits for the token exchange"),
+    PrivateName("torch.distributed._functional_collectives", "all_reduce", _TORCH,
+                "distributed/count_reduction.py: the asynchronous count sum of the global balancing loss"),
     PrivateName("torch", "_grouped_mm", _TORCH,
                 "nn/experts.py: the CUDA grouped GEMM of GroupedExperts (the per-expert loop is the fallback)"),
     PrivateName("torch", "_weight_int8pack_mm", _TORCH,

@@ -143,7 +143,7 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> Remap:
     # 3. Layer: size, stat buffers, top_k, and which experts of the original layer it holds: a state dict
     # saved from here on says it was pruned, so that loading it shrinks a fresh layer first (shrink_to_saved).
     layer.num_experts = k
-    for attr in ("tokens_per_expert",):
+    for attr in ("tokens_per_expert", "global_tokens_per_expert"):
         shrink_buffer(layer, attr)
     held = getattr(layer, KEPT_BUFFER, None)
     original_K = keep_K if held is None else held.index_select(0, keep_K.to(held.device)).cpu()

@@ -9,6 +9,9 @@ for the experts of every MoE layer, over a ``("data", "expert")`` device mesh:
 - dense parameters are all-reduced by DDP over all ranks; expert parameters are kept out of DDP and
   their gradients are summed over the ranks holding the same experts (the "data" dimension) and
   divided by the world size, so N-rank training equals single-process training on the global batch;
+- every MoE layer's balancing and z losses (scope ``"global"``/``"sequence"``) sum their routing counts
+  over the whole world through a count reduction installed in ``setup`` (:mod:`lightning_moe.nn.reduce`),
+  so with them on too, N-rank training equals one process on the global batch;
 - checkpoints hold the full logical model (one file, gathered to rank 0) or a
   torch.distributed.checkpoint directory (``checkpoint="sharded"``), and reshard on resume.
 """
@@ -33,6 +36,7 @@ from typing_extensions import override
 
 from lightning_moe import _compat, prune
 from lightning_moe.distributed import atomic, full_checkpoint, gradients, launcher, sharded_checkpoint
+from lightning_moe.distributed.count_reduction import install_count_reduction, remove_count_reduction
 from lightning_moe.distributed.expert_parallel import (
     check_expert_parallel_size,
     expert_parameters,
@@ -185,6 +189,7 @@ class MoEStrategy(DDPStrategy):
             self._broadcast_experts(layer)
             if ep > 1:
                 shard_moe_layer(layer, path, mesh.get_local_rank("expert"), ep, self.expert_group)
+        self._install_count_reduction()
         ignored = set(_compat.ddp_ignored_names(module)) | set(expert_state_names(module))
         _compat.set_ddp_ignored_names(module, sorted(ignored))
         if ep > 1:
@@ -215,6 +220,16 @@ class MoEStrategy(DDPStrategy):
                 self.model = self.lightning_module
                 self.configure_ddp()
 
+    def _install_count_reduction(self) -> None:
+        """Balancing losses of scope "global"/"sequence" sum their routing counts over the whole world.
+
+        Every rank trains on a different part of the batch (data x expert dims), so the sum spans the
+        default group; the layers know no group (see :mod:`lightning_moe.nn.reduce`). Removed in teardown.
+        """
+        module = self.lightning_module
+        if module is not None and self.world_size > 1:
+            install_count_reduction(module, dist.group.WORLD)
+
     def _broadcast_experts(self, layer) -> None:
         # DDP broadcasts rank 0's dense weights; experts are outside DDP, so do the same for them.
         if self.world_size == 1:
@@ -233,6 +248,8 @@ class MoEStrategy(DDPStrategy):
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
         self.precision_plugin.__dict__.pop("clip_gradients", None)
         self._hand_clip.uninstall()
+        if module is not None:
+            remove_count_reduction(module)  # the model may outlive the process group
         if module is not None and self._checkpoint == "full" and healthy and dist.is_initialized():
             layout = self._layout()
             if layout.shards and fitting:
