@@ -12,6 +12,7 @@ update the ``checked`` versions.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch.distributed._functional_collectives as funcol  # noqa: F401 (re-exp
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.trainer import Trainer
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
@@ -84,6 +86,9 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
                 "strategy.py: optimizer state moved to the device after a sharded load"),
     PrivateName("lightning.fabric.utilities.types", "_PATH", _LIGHTNING,
                 "strategy.py: checkpoint path type of Strategy.save_checkpoint/load_checkpoint"),
+    PrivateName("lightning.pytorch.trainer.trainer", "Trainer._run", _LIGHTNING,
+                "strategy.py: the weights_only a user gave fit/validate/test/predict, which Trainer._run does "
+                "not pass on to strategies that restore after setup (running_weights_only)"),
 )
 
 # -- torch ------------------------------------------------------------------------------------------
@@ -120,6 +125,23 @@ def set_ddp_ignored_names(module: nn.Module, names: Sequence[str]) -> None:
 
 # -- Lightning --------------------------------------------------------------------------------------
 
+_TRAINER_RUN_CODE = Trainer._run.__code__
+
+
+def running_weights_only() -> bool | None:
+    """The ``weights_only`` given to the running ``Trainer.fit/validate/test/predict`` (None outside one).
+
+    Lightning 2.6's ``Trainer._run`` passes it to the checkpoint connector only for strategies that
+    restore before setup; ``MoEStrategy`` restores after setup and reads it from ``_run``'s frame.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code is _TRAINER_RUN_CODE:
+            return frame.f_locals.get("weights_only")
+        frame = frame.f_back
+    return None
+
+
 SubprocessScriptLauncher = _SubprocessScriptLauncher
 optimizer_to_device = _optimizer_to_device
 PATH = _PATH
@@ -138,6 +160,7 @@ __all__ = [
     "funcol",
     "grouped_mm",
     "optimizer_to_device",
+    "running_weights_only",
     "set_ddp_ignored_names",
     "unflatten_dense_tensors",
     "weight_int8pack_mm",

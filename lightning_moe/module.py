@@ -55,6 +55,7 @@ from torch import Tensor
 
 from lightning_moe.metrics import load_imbalance
 from lightning_moe.nn.moe import MoE, find_moe_layers
+from lightning_moe.nn.recompute import aux_loss_term
 
 _WRAPPED = "_lightning_moe_wrapped"
 _OWNER = "_lightning_moe_owner"  # set on optimizers: weakref to the module whose post-hook they carry
@@ -153,7 +154,7 @@ class MoELightningModule(LightningModule):
             layers = [layer for _, layer in self.moe_layers() if layer.forward_count]
         if not layers:
             return torch.zeros((), device=self.device)
-        return sum((layer.aux_loss for layer in layers[1:]), layers[0].aux_loss)
+        return _aux_sum(layers)
 
     # -- the training_step wrapper --------------------------------------------------------------
 
@@ -173,7 +174,7 @@ class MoELightningModule(LightningModule):
             self._moe_log(ran)
         if not self.automatic_optimization or output is None:
             return output
-        aux = sum((layer.aux_loss for layer in ran[1:]), ran[0].aux_loss)
+        aux = _aux_sum(ran)
         if isinstance(output, Tensor):
             return output + aux
         if isinstance(output, Mapping) and "loss" in output:
@@ -298,6 +299,12 @@ class MoELightningModule(LightningModule):
         self.log(name, value, on_step=True, on_epoch=False, batch_size=1)
         if epoch:
             self.log(f"{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+
+
+def _aux_sum(layers: list[MoE]) -> Tensor:
+    # Through recompute.aux_loss_term: a layer under a reentrant activation checkpoint gets its gradient.
+    terms = [aux_loss_term(layer, layer.aux_loss) for layer in layers]
+    return sum(terms[1:], terms[0])
 
 
 def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:

@@ -27,14 +27,15 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_moe import _compat
-from lightning_moe.distributed import full_checkpoint, gradients, launcher, sharded_checkpoint
+from lightning_moe import _compat, prune
+from lightning_moe.distributed import atomic, full_checkpoint, gradients, launcher, sharded_checkpoint
 from lightning_moe.distributed.count_reduction import install_count_reduction, remove_count_reduction
 from lightning_moe.distributed.expert_parallel import (
     check_expert_parallel_size,
@@ -107,6 +108,9 @@ class MoEStrategy(DDPStrategy):
         self._device_mesh = None
         self._trainer: pl.Trainer | None = None
         self._released_layouts: dict[int, OptimizerLayout] = {}
+        self._pending_grads = gradients.PendingReduction()  # manual optimization: reduced at the step
+        self._hand_clip = gradients.HandClipWatch(self._on_hand_clip)
+        self._warned_hand_clip = False
 
     # ------------------------------------------------------------------------------------------
     # Mesh and groups
@@ -164,7 +168,9 @@ class MoEStrategy(DDPStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._trainer = trainer
-        self._released_layouts = {}
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:  # new optimizers; test/validate/predict keep fit's (and the layout of their state)
+            self._released_layouts = {}
         module = self.lightning_module
         assert module is not None
         layers = find_moe_layers(module)
@@ -189,7 +195,30 @@ class MoEStrategy(DDPStrategy):
         if ep > 1:
             # Norm clipping must see the norm of the whole model, experts of every rank included.
             self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
+        self._pending_grads.clear()
+        self.precision_plugin.clip_gradients = self._clip_gradients  # manual optimization: reduce, then clip
+        self._hand_clip.install()
         super().setup(trainer)
+
+    @override
+    def configure_ddp(self) -> None:
+        # Expert names change after setup (magnitude pruning turns w1 into w1_orig + w1_mask, expert pruning
+        # replaces parameters): every (re-)wrap keeps the experts' current names out of DDP.
+        module = self.lightning_module
+        assert module is not None
+        _compat.set_ddp_ignored_names(module, sorted(set(_compat.ddp_ignored_names(module))
+                                                     | set(expert_state_names(module))))
+        super().configure_ddp()
+
+    def _shrink_to_saved(self, shapes: Mapping[str, Any]) -> None:
+        # A checkpoint written after ExpertPruning holds fewer experts: shrink (and re-shard) those layers
+        # before reading their slices, with the optimizers following the new parameters; then re-wrap DDP.
+        optimizers, module = [_unwrap(o) for o in self.optimizers], self.lightning_module
+        assert module is not None
+        if prune.shrink_to_saved(module, prune.saved_expert_counts(shapes), optimizers):
+            if isinstance(self.model, DistributedDataParallel):
+                self.model = self.lightning_module
+                self.configure_ddp()
 
     def _install_count_reduction(self) -> None:
         """Balancing losses of scope "global"/"sequence" sum their routing counts over the whole world.
@@ -215,13 +244,17 @@ class MoEStrategy(DDPStrategy):
     def teardown(self) -> None:
         module = self.lightning_module
         healthy = self._trainer is None or self._trainer.state.status != TrainerStatus.INTERRUPTED
+        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+        self.precision_plugin.__dict__.pop("clip_gradients", None)
+        self._hand_clip.uninstall()
         if module is not None:
             remove_count_reduction(module)  # the model may outlive the process group
         if module is not None and self._checkpoint == "full" and healthy and dist.is_initialized():
             layout = self._layout()
-            if layout.shards:
-                # Optimizers still hold per-rank expert states: remember how, for a save after fit.
+            if layout.shards and fitting:
+                # Optimizers still hold per-rank expert states: remember how, for a save after fit. Only
+                # fit's teardown: a later stage shards the model into new parameters the optimizers never saw.
                 self._released_layouts = {
                     id(_unwrap(o)): OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers
                 }
@@ -229,6 +262,21 @@ class MoEStrategy(DDPStrategy):
             for _, layer in find_moe_layers(module):
                 unshard_moe_layer(layer)
         super().teardown()
+
+    @override
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        if not self._layout().shards or self._trainer is None:
+            return
+        # Every expert-parallel batch is a collective of the expert group, and Lightning's predict sampler
+        # does not pad ranks to equal lengths: a rank with more batches would wait forever in its last ones.
+        batches = torch.tensor(float(sum(self._trainer.num_predict_batches)), device=self.root_device)
+        counts = [int(c) if c != float("inf") else c for c in self.all_gather(batches).reshape(-1).tolist()]
+        if len(set(counts)) > 1:
+            raise ValueError(f"{type(self).__name__}: predict got {counts} batches on ranks 0.. (in rank order); "
+                             "under expert parallelism every batch is an exchange between the ranks, so each rank "
+                             "must predict the same number of batches: pad the dataset to a multiple of "
+                             "world_size * batch_size or give every rank an equal-length dataloader")
 
     def _layout(self) -> ShardLayout:
         module = self.lightning_module
@@ -240,11 +288,54 @@ class MoEStrategy(DDPStrategy):
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
+        module = self.lightning_module
+        if module is not None and not module.automatic_optimization:
+            # manual_backward may run several times a step: reduce once, before the clip or the step.
+            self._pending_grads.mark(expert_parameters(module))
+            return
         if isinstance(self.model, DistributedDataParallel) and not self.model.require_backward_grad_sync:
             return  # accumulating: DDP does not sync this micro-batch either
         self.reduce_expert_gradients()
 
-    def reduce_expert_gradients(self) -> None:
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        self._reduce_pending(optimizer)
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    def _clip_gradients(self, optimizer: Optimizer, clip_val: float = 0.0, gradient_clip_algorithm: Any = None) -> None:
+        # Installed on the precision plugin: LightningModule.clip_gradients under manual optimization
+        # must clip reduced expert gradients.
+        self._reduce_pending(optimizer)
+        plugin = self.precision_plugin
+        args = (clip_val,) if gradient_clip_algorithm is None else (clip_val, gradient_clip_algorithm)
+        type(plugin).clip_gradients(plugin, optimizer, *args)
+
+    def _reduce_pending(self, optimizer: Optimizer) -> None:
+        self._reduce_pending_of([p for group in _unwrap(optimizer).param_groups for p in group["params"]])
+
+    def _reduce_pending_of(self, params: list[Tensor]) -> None:
+        module = self.lightning_module
+        assert module is not None
+        held = {id(p) for p in params}
+        pending = self._pending_grads.take([p for p in expert_parameters(module) if id(p) in held])
+        if pending:
+            self.reduce_expert_gradients(pending)
+
+    def _on_hand_clip(self, params: list[Tensor]) -> None:
+        # torch.nn.utils.clip_grad_norm_ called while set up (by the user, or by Lightning at ep=1).
+        module = self.lightning_module
+        if module is None or not any(id(p) in {id(q) for q in params} for p in expert_parameters(module)):
+            return
+        self._reduce_pending_of(params)  # manual optimization: clip reduced gradients
+        if self._layout().shards and not self._warned_hand_clip:
+            self._warned_hand_clip = True
+            rank_zero_warn(f"{type(self).__name__}: torch.nn.utils.clip_grad_norm_ called by hand sees only this "
+                           "rank's experts, so each rank scales its gradients by another factor and the dense "
+                           "replicas drift apart. Clip with Trainer(gradient_clip_val=..., "
+                           "gradient_clip_algorithm='norm') (or self.clip_gradients(...) under manual "
+                           "optimization): the strategy then clips by the norm of the whole model.")
+
+    def reduce_expert_gradients(self, params: list[Tensor] | None = None) -> None:
         """Turn each rank's expert gradients into those of single-process training on the global batch.
 
         After backward, a rank's expert gradient is the sum over the ranks of its expert group
@@ -253,8 +344,13 @@ class MoEStrategy(DDPStrategy):
         world size gives ``d(mean of the per-rank losses)/dW``, as for dense parameters. Runs after
         the last backward of an optimizer step, before gradient clipping and the step
         (:func:`lightning_moe.distributed.gradients.reduce_expert_gradients`).
+
+        Args:
+            params: the expert parameters to reduce (default: every trainable one); the same on every rank.
         """
-        params = [p for p in expert_parameters(self.lightning_module) if p.requires_grad]
+        module = self.lightning_module
+        assert module is not None
+        params = [p for p in (expert_parameters(module) if params is None else params) if p.requires_grad]
         if not params or self.world_size == 1:
             return
         gradients.reduce_expert_gradients(params, self.expert_data_group, self.world_size, self.root_device)
@@ -305,10 +401,10 @@ class MoEStrategy(DDPStrategy):
         if self._checkpoint == "sharded":
             olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
             return sharded_checkpoint.sharded_optimizer_state(optimizer, olayout, self._device_mesh)
-        if layout.shards:
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
-        elif id(optimizer) in self._released_layouts:  # saved after fit: the model is whole again, the optimizer not
+        if id(optimizer) in self._released_layouts:  # saved after fit: the optimizer holds fit's expert shards
             olayout = self._released_layouts[id(optimizer)]
+        elif layout.shards:
+            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
         else:
             return optimizer.state_dict()
         group, member, is_dst = self._gather_args()
@@ -319,24 +415,39 @@ class MoEStrategy(DDPStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _compat.PATH,
                         storage_options: Any | None = None) -> None:
+        # Both formats are written under a temporary name and renamed once complete (distributed/atomic.py):
+        # a rank killed during a save leaves the previous checkpoint loadable.
         if self._checkpoint == "full":
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
+            if not atomic.is_local(filepath):
+                return super().save_checkpoint(checkpoint, filepath, storage_options)
+            if self.is_global_zero:
+                atomic.write_file(lambda p: self.checkpoint_io.save_checkpoint(checkpoint, p, storage_options),
+                                  Path(filepath))
+            return None
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}(checkpoint='sharded') writes with torch.distributed.checkpoint "
                             "and takes no storage_options")
         path = Path(self.broadcast(str(filepath)))
-        if self.is_global_zero and path.is_file():
-            path.unlink()
+        partial = atomic.partial_path(path)
+        if self.is_global_zero:
+            atomic.clear_partial(path)
         self.barrier()
-        sharded_checkpoint.save_sharded(checkpoint, path, self.is_global_zero)
+        sharded_checkpoint.save_sharded(checkpoint, partial, self.is_global_zero)
         self.barrier()
+        if self.is_global_zero:
+            atomic.replace_directory(partial, path)
+        self.barrier()
+        return None
 
     @override
     def load_checkpoint(self, checkpoint_path: _compat.PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        if weights_only is None:  # Lightning drops the user's value for strategies that restore after setup
+            weights_only = _compat.running_weights_only()
         path = Path(self.broadcast(str(checkpoint_path)))
         if not sharded_checkpoint.is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only=weights_only)
         module = self.lightning_module
+        self._shrink_to_saved(sharded_checkpoint.saved_model_shapes(path))
         layout = self._layout()
         olayouts = [OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers]
         return sharded_checkpoint.load_sharded(path, module.state_dict(), olayouts, layout, self._device_mesh,
@@ -345,6 +456,7 @@ class MoEStrategy(DDPStrategy):
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module
+        self._shrink_to_saved({k: v.shape for k, v in checkpoint["state_dict"].items() if isinstance(v, Tensor)})
         state = local_model_state(checkpoint["state_dict"], module.state_dict(), self._layout())
         module.load_state_dict(state, strict=strict)
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.nn import functional as MF
+from lightning_moe.nn import recompute
 from lightning_moe.nn.dispatch import ExpertDispatcher, LocalDispatcher
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
 from lightning_moe.nn.options import ROUTERS as ROUTERS
@@ -233,6 +234,10 @@ class MoE(nn.Module):
         self._aux_loss: Tensor | None = None
         self._load_balancing_loss: Tensor | None = None
         self._z_loss: Tensor | None = None
+        # A state saved after expert pruning holds fewer experts: loading it shrinks the layer first.
+        from lightning_moe.prune import shrink_to_saved_hook  # the expert surgery, which imports this module
+
+        self.register_load_state_dict_pre_hook(shrink_to_saved_hook)
 
     def extra_repr(self) -> str:
         drop = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
@@ -359,6 +364,7 @@ class MoE(nn.Module):
             out_TD = self._expert_choice(x_TD, valid_T)
         if self.shared_experts is not None:
             out_TD = out_TD + self._shared(x_TD)
+        out_TD = recompute.after_forward(self, out_TD, self.aux_loss)  # reentrant activation checkpointing
         self.forward_count += 1
         return out_TD.reshape(x.shape)
 
