@@ -14,7 +14,7 @@ I / O input / output width of one expert weight.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -338,15 +338,40 @@ def low_rank_factors(w_EIO: Tensor, rank: int | None = None, energy: float = 0.9
     """
     u_EIK, s_EK, vh_EKO = torch.linalg.svd(w_EIO.detach().float(), full_matrices=False)
     if rank is None:
-        share_EK = (s_EK**2).cumsum(-1) / (s_EK**2).sum(-1, keepdim=True).clamp_min(1e-30)
-        # Rank r keeps share[r - 1]; the tolerance stops float round-off from asking for one more.
-        rank = int((share_EK < energy - 1e-6).sum(-1).max()) + 1
+        rank = _energy_rank(s_EK, energy)
     rank = max(1, min(rank, s_EK.shape[-1]))
     root_ER = s_EK[:, :rank].sqrt()  # split S evenly between the factors: better conditioned to fine-tune
     a_EIR = u_EIK[:, :, :rank] * root_ER[:, None, :]
     b_ERO = root_ER[:, :, None] * vh_EKO[:, :rank, :]
     kept_E = (s_EK[:, :rank] ** 2).sum(-1) / (s_EK**2).sum(-1).clamp_min(1e-30)
     return a_EIR, b_ERO, kept_E
+
+
+def _energy_rank(s_EK: Tensor, energy: float) -> int:
+    share_EK = (s_EK**2).cumsum(-1) / (s_EK**2).sum(-1, keepdim=True).clamp_min(1e-30)
+    # Rank r keeps share[r - 1]; the tolerance stops float round-off from asking for one more.
+    return int((share_EK < energy - 1e-6).sum(-1).max()) + 1
+
+
+def energy_rank(w_EIO: Tensor, energy: float = 0.9) -> int:
+    """The rank :func:`low_rank_factors` picks with ``rank=None``: the smallest keeping ``energy`` of every expert."""
+    return _energy_rank(torch.linalg.svdvals(w_EIO.detach().float()), energy)
+
+
+def energy_ranks(model: nn.Module, energy: float = 0.9, include_shared: bool = True) -> dict[str, dict[str, int]]:
+    """The rank :func:`low_rank_experts` would pick for each weight of each uncompressed bank: ``{path: {w: rank}}``.
+
+    Each process of an expert-parallel job holds other experts, so picks its own ranks: take the
+    largest over the processes (every expert then keeps at least ``energy``) and pass the result as
+    ``low_rank_experts(..., ranks=...)``, so that every process factors to the same shapes
+    (:class:`~lightning_moe.callbacks.LowRankExperts` does).
+    """
+    out = {}
+    for path, layer, attr in _expert_banks(model, include_shared):
+        bank = getattr(layer, attr)
+        if isinstance(bank, GroupedExperts):
+            out[path] = {name: energy_rank(w, energy) for name in WEIGHTS if (w := getattr(bank, name)) is not None}
+    return out
 
 
 class LowRankGroupedExperts(nn.Module):
@@ -379,11 +404,13 @@ class LowRankGroupedExperts(nn.Module):
 
     @classmethod
     def from_dense(
-        cls, experts: GroupedExperts, rank: int | None = None, energy: float = 0.9
+        cls, experts: GroupedExperts, rank: int | None = None, energy: float = 0.9,
+        ranks: Mapping[str, int] | None = None,
     ) -> LowRankGroupedExperts:
         """Factor a :class:`GroupedExperts` bank weight by weight (see :func:`low_rank_factors`).
 
         A weight stays dense when ``rank * (I + O) >= I * O`` (factoring would not save).
+        ``ranks`` (``{"w1": r, ...}``) fixes the rank of the weights it names, over ``rank`` / ``energy``.
         """
         _check_supported(cls.__name__, experts)
         out = cls(experts.num_experts, experts.dim, experts.hidden_dim, experts.activation)
@@ -392,7 +419,7 @@ class LowRankGroupedExperts(nn.Module):
             w_EIO = getattr(experts, name)
             if w_EIO is None:
                 continue
-            a_EIR, b_ERO, kept_E = low_rank_factors(w_EIO, rank, energy)
+            a_EIR, b_ERO, kept_E = low_rank_factors(w_EIO, (ranks or {}).get(name, rank), energy)
             num_in, num_out, r = w_EIO.shape[1], w_EIO.shape[2], a_EIR.shape[-1]
             if r * (num_in + num_out) >= num_in * num_out:
                 out.register_parameter(name, nn.Parameter(w_EIO.detach().clone()))
@@ -461,7 +488,8 @@ class LowRankGroupedExperts(nn.Module):
 
 
 def low_rank_experts(
-    model: nn.Module, rank: int | None = None, energy: float = 0.9, include_shared: bool = True
+    model: nn.Module, rank: int | None = None, energy: float = 0.9, include_shared: bool = True,
+    ranks: Mapping[str, Mapping[str, int]] | None = None,
 ) -> CompressionReport:
     """Replace every expert bank's weights by truncated-SVD factors, in place.
 
@@ -475,6 +503,8 @@ def low_rank_experts(
         rank: fixed rank for every weight, or None to pick it by ``energy``.
         energy: fraction of squared singular values to keep per expert weight, in (0, 1].
         include_shared: factor shared experts too.
+        ranks: ``{bank path: {"w1": r, ...}}``, fixed ranks that override ``rank`` / ``energy`` for the
+            weights they name (from :func:`energy_ranks`, agreed over the processes of a job).
 
     Returns:
         A :class:`CompressionReport`; ``detail`` holds the rank of each weight (``"dense"`` when kept).
@@ -497,7 +527,7 @@ def low_rank_experts(
         bank = getattr(layer, attr)
         if not _check_bank(bank, path, "low_rank_experts"):
             continue
-        low = LowRankGroupedExperts.from_dense(bank, rank, energy)
+        low = LowRankGroupedExperts.from_dense(bank, rank, energy, (ranks or {}).get(path))
         report.layers.append(LayerCompression(path, _weight_numel(bank), _weight_numel(low),
                                               module_bytes(bank), module_bytes(low), dict(low.ranks)))
         setattr(layer, attr, low)

@@ -9,8 +9,12 @@ for the experts of every MoE layer, over a ``("data", "expert")`` device mesh:
 - dense parameters are all-reduced by DDP over all ranks; expert parameters are kept out of DDP and
   their gradients are summed over the ranks holding the same experts (the "data" dimension) and
   divided by the world size, so N-rank training equals single-process training on the global batch;
+- every MoE layer's balancing and z losses (scope ``"global"``/``"sequence"``) sum their routing counts
+  over the whole world through a count reduction installed in ``setup`` (:mod:`lightning_moe.nn.reduce`),
+  so with them on too, N-rank training equals one process on the global batch;
 - checkpoints hold the full logical model (one file, gathered to rank 0) or a
-  torch.distributed.checkpoint directory (``checkpoint="sharded"``), and reshard on resume.
+  torch.distributed.checkpoint directory (``checkpoint="sharded"``), and reshard on resume
+  (:mod:`lightning_moe.distributed.strategy_checkpoints`).
 
 ``data_parallel="fsdp"`` (``Trainer(strategy="moe_fsdp")``) shards instead of replicating, with torch's FSDP2
 (:mod:`lightning_moe.distributed.fsdp`): dense parameters over every rank, each expert bank over the ranks
@@ -20,8 +24,6 @@ holding the same experts; models built on the meta device are materialised shard
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,13 +31,15 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_moe import _compat
-from lightning_moe.distributed import fake, fsdp, gradients, launcher
+from lightning_moe.distributed import fake, fsdp, gradients
+from lightning_moe.distributed.count_reduction import install_count_reduction, remove_count_reduction
 from lightning_moe.distributed.expert_parallel import (
     check_expert_parallel_size,
     expert_parameters,
@@ -125,6 +129,9 @@ class MoEStrategy(StrategyCheckpoints):
         self._world_mesh = None
         self._trainer: pl.Trainer | None = None
         self._released_layouts: dict[int, OptimizerLayout] = {}
+        self._pending_grads = gradients.PendingReduction()  # manual optimization: reduced at the step
+        self._hand_clip = gradients.HandClipWatch(self._on_hand_clip)
+        self._warned_hand_clip = False
 
     @property
     def data_parallel(self) -> str:
@@ -132,92 +139,14 @@ class MoEStrategy(StrategyCheckpoints):
         return self._data_parallel
 
     # ------------------------------------------------------------------------------------------
-    # Mesh and groups
-
-    @property
-    def expert_parallel_size(self) -> int:
-        """Ranks in one expert group (the world size unless given)."""
-        return self._expert_parallel_size or self.world_size
-
-    @property
-    def device_mesh(self):
-        """The ``("data", "expert")`` :class:`~torch.distributed.device_mesh.DeviceMesh` (after set-up)."""
-        if self._device_mesh is None:
-            raise RuntimeError(f"{type(self).__name__}: the device mesh exists once the trainer set up the strategy")
-        return self._device_mesh
-
-    @property
-    def expert_group(self) -> dist.ProcessGroup:
-        """Process group of this rank's expert group (the all-to-all group)."""
-        return self.device_mesh.get_group("expert")
-
-    @property
-    def expert_data_group(self) -> dist.ProcessGroup:
-        """Process group of the ranks holding the same experts (expert gradients are summed over it)."""
-        return self.device_mesh.get_group("data")
-
-    @property
-    @override
-    def restore_checkpoint_after_setup(self) -> bool:
-        # Shard first, then read each rank's slice of the (full or DCP) checkpoint.
-        return True
-
-    @override
-    def _configure_launcher(self) -> None:
-        super()._configure_launcher()
-        self._launcher = launcher.watched(self._launcher, self.cluster_environment, self.num_processes, self.num_nodes)
-
-    @property
-    def world_mesh(self):
-        """1-D :class:`~torch.distributed.device_mesh.DeviceMesh` of every rank (FSDP's dense parameters)."""
-        if self._world_mesh is None:
-            from torch.distributed.device_mesh import init_device_mesh
-
-            self._world_mesh = init_device_mesh(self.root_device.type, (self.world_size,), mesh_dim_names=("world",))
-        return self._world_mesh
-
-    @override
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        launcher.start_peer_watchdog()
-        ep, world = self.expert_parallel_size, self.world_size
-        check_expert_parallel_size([], ep, world, type(self).__name__)
-        mesh = self._device_mesh
-        if mesh is None or mesh.mesh.shape != (world // ep, ep):
-            from torch.distributed.device_mesh import init_device_mesh
-
-            self._device_mesh = init_device_mesh(
-                self.root_device.type, (world // ep, ep), mesh_dim_names=("data", "expert")
-            )
-            self._world_mesh = None
-
-    @contextmanager
-    @override
-    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
-        if self._data_parallel != "fsdp" or not empty_init:
-            with super().tensor_init_context(empty_init):
-                yield
-            return
-        with torch.device("meta"), self.precision_plugin.tensor_init_context():  # materialised in setup
-            yield
-
-    @contextmanager
-    @override
-    def model_sharded_context(self) -> Generator[None, None, None]:
-        # With FSDP, configure_model builds on meta: setup shards, then allocates each rank's shards only.
-        if self._data_parallel != "fsdp":
-            yield
-            return
-        with torch.device("meta"):
-            yield
-
-    # ------------------------------------------------------------------------------------------
     # Sharding
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._trainer = trainer
-        self._released_layouts = {}
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:  # new optimizers; test/validate/predict keep fit's (and the layout of their state)
+            self._released_layouts = {}
         module = self.lightning_module
         assert module is not None
         layers = find_moe_layers(module)
@@ -249,6 +178,7 @@ class MoEStrategy(StrategyCheckpoints):
                 shard = shard_moe_layer(layer, path, mesh.get_local_rank("expert"), ep, self.expert_group)
                 if fake.is_fake_backend():  # a dry run: the fake all-to-all returns no counts, mirror ours
                     layer.expert_dispatcher = fake.FakeBackendDispatcher(shard, self.expert_group)
+        self._install_count_reduction()
         if fsdp_mode:
             self._setup_fsdp(trainer, on_meta and first)
             return
@@ -259,7 +189,30 @@ class MoEStrategy(StrategyCheckpoints):
         if ep > 1:
             # Norm clipping must see the norm of the whole model, experts of every rank included.
             self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
+        self._pending_grads.clear()
+        self.precision_plugin.clip_gradients = self._clip_gradients  # manual optimization: reduce, then clip
+        self._hand_clip.install()
         super().setup(trainer)
+
+    @override
+    def configure_ddp(self) -> None:
+        # Expert names change after setup (magnitude pruning turns w1 into w1_orig + w1_mask, expert pruning
+        # replaces parameters): every (re-)wrap keeps the experts' current names out of DDP.
+        module = self.lightning_module
+        assert module is not None
+        _compat.set_ddp_ignored_names(module, sorted(set(_compat.ddp_ignored_names(module))
+                                                     | set(expert_state_names(module))))
+        super().configure_ddp()
+
+    def _install_count_reduction(self) -> None:
+        """Balancing losses of scope "global"/"sequence" sum their routing counts over the whole world.
+
+        Every rank trains on a different part of the batch (data x expert dims), so the sum spans the
+        default group; the layers know no group (see :mod:`lightning_moe.nn.reduce`). Removed in teardown.
+        """
+        module = self.lightning_module
+        if module is not None and self.world_size > 1:
+            install_count_reduction(module, dist.group.WORLD)
 
     def _setup_fsdp(self, trainer: pl.Trainer, materialise_now: bool) -> None:
         assert self.accelerator is not None
@@ -282,17 +235,6 @@ class MoEStrategy(StrategyCheckpoints):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
 
-    @override
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        # NOTE: the fake backend (a dry run) moves no data: every rank is this rank.
-        return obj if fake.is_fake_backend() else super().broadcast(obj, src)
-
-    @override
-    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
-        if fake.is_fake_backend() and isinstance(tensor, Tensor):
-            return fake.mirror_reduce(tensor, reduce_op, self.world_size)
-        return super().reduce(tensor, group, reduce_op)
-
     def _init_seed(self) -> int:
         # Every rank materialises with rank 0's seed (seed_everything makes it the same anyway).
         return int(self.broadcast(torch.initial_seed() % (1 << 62)))
@@ -314,6 +256,7 @@ class MoEStrategy(StrategyCheckpoints):
             # The model stays sharded (no gather, no move to CPU): a later stage or save uses the shards.
             self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
             if module is not None:
+                remove_count_reduction(module)
                 fsdp.reshard(module)
             assert self.cluster_environment is not None and self.accelerator is not None
             self.cluster_environment.teardown()
@@ -322,17 +265,38 @@ class MoEStrategy(StrategyCheckpoints):
             self.checkpoint_io.teardown()
             return
         healthy = self._trainer is None or self._trainer.state.status != TrainerStatus.INTERRUPTED
+        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+        self.precision_plugin.__dict__.pop("clip_gradients", None)
+        self._hand_clip.uninstall()
+        if module is not None:
+            remove_count_reduction(module)  # the model may outlive the process group
         if module is not None and self._checkpoint == "full" and healthy and dist.is_initialized():
             layout = self._layout()
-            if layout.shards:
-                # Optimizers still hold per-rank expert states: remember how, for a save after fit.
+            if layout.shards and fitting:
+                # Optimizers still hold per-rank expert states: remember how, for a save after fit. Only
+                # fit's teardown: a later stage shards the model into new parameters the optimizers never saw.
                 optimizers = [unwrap_optimizer(o) for o in self.optimizers]
                 self._released_layouts = {id(o): OptimizerLayout(o, module, layout) for o in optimizers}
             # Give the caller (and the spawn launcher, which copies rank 0's weights) the whole model.
             for _, layer in find_moe_layers(module):
                 unshard_moe_layer(layer)
         super().teardown()
+
+    @override
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        if (not self._layout().shards and self._data_parallel != "fsdp") or self._trainer is None:
+            return
+        # Every expert-parallel batch is a collective of the expert group, and Lightning's predict sampler
+        # does not pad ranks to equal lengths: a rank with more batches would wait forever in its last ones.
+        batches = torch.tensor(float(sum(self._trainer.num_predict_batches)), device=self.root_device)
+        counts = [int(c) if c != float("inf") else c for c in self.all_gather(batches).reshape(-1).tolist()]
+        if len(set(counts)) > 1:
+            raise ValueError(f"{type(self).__name__}: predict got {counts} batches on ranks 0.. (in rank order); "
+                             "under expert parallelism every batch is an exchange between the ranks, so each rank "
+                             "must predict the same number of batches: pad the dataset to a multiple of "
+                             "world_size * batch_size or give every rank an equal-length dataloader")
 
     def _layout(self) -> ShardLayout:
         module = self.lightning_module
@@ -346,11 +310,54 @@ class MoEStrategy(StrategyCheckpoints):
         super().post_backward(closure_loss)
         if self._data_parallel == "fsdp":
             return  # FSDP reduce-scatters expert gradients itself (sum over data / world, see shard_model)
+        module = self.lightning_module
+        if module is not None and not module.automatic_optimization:
+            # manual_backward may run several times a step: reduce once, before the clip or the step.
+            self._pending_grads.mark(expert_parameters(module))
+            return
         if isinstance(self.model, DistributedDataParallel) and not self.model.require_backward_grad_sync:
             return  # accumulating: DDP does not sync this micro-batch either
         self.reduce_expert_gradients()
 
-    def reduce_expert_gradients(self) -> None:
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        self._reduce_pending(optimizer)
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    def _clip_gradients(self, optimizer: Optimizer, clip_val: float = 0.0, gradient_clip_algorithm: Any = None) -> None:
+        # Installed on the precision plugin: LightningModule.clip_gradients under manual optimization
+        # must clip reduced expert gradients.
+        self._reduce_pending(optimizer)
+        plugin = self.precision_plugin
+        args = (clip_val,) if gradient_clip_algorithm is None else (clip_val, gradient_clip_algorithm)
+        type(plugin).clip_gradients(plugin, optimizer, *args)
+
+    def _reduce_pending(self, optimizer: Optimizer) -> None:
+        self._reduce_pending_of([p for group in unwrap_optimizer(optimizer).param_groups for p in group["params"]])
+
+    def _reduce_pending_of(self, params: list[Tensor]) -> None:
+        module = self.lightning_module
+        assert module is not None
+        held = {id(p) for p in params}
+        pending = self._pending_grads.take([p for p in expert_parameters(module) if id(p) in held])
+        if pending:
+            self.reduce_expert_gradients(pending)
+
+    def _on_hand_clip(self, params: list[Tensor]) -> None:
+        # torch.nn.utils.clip_grad_norm_ called while set up (by the user, or by Lightning at ep=1).
+        module = self.lightning_module
+        if module is None or not any(id(p) in {id(q) for q in params} for p in expert_parameters(module)):
+            return
+        self._reduce_pending_of(params)  # manual optimization: clip reduced gradients
+        if self._layout().shards and not self._warned_hand_clip:
+            self._warned_hand_clip = True
+            rank_zero_warn(f"{type(self).__name__}: torch.nn.utils.clip_grad_norm_ called by hand sees only this "
+                           "rank's experts, so each rank scales its gradients by another factor and the dense "
+                           "replicas drift apart. Clip with Trainer(gradient_clip_val=..., "
+                           "gradient_clip_algorithm='norm') (or self.clip_gradients(...) under manual "
+                           "optimization): the strategy then clips by the norm of the whole model.")
+
+    def reduce_expert_gradients(self, params: list[Tensor] | None = None) -> None:
         """Turn each rank's expert gradients into those of single-process training on the global batch.
 
         After backward, a rank's expert gradient is the sum over the ranks of its expert group
@@ -359,8 +366,13 @@ class MoEStrategy(StrategyCheckpoints):
         world size gives ``d(mean of the per-rank losses)/dW``, as for dense parameters. Runs after
         the last backward of an optimizer step, before gradient clipping and the step
         (:func:`lightning_moe.distributed.gradients.reduce_expert_gradients`).
+
+        Args:
+            params: the expert parameters to reduce (default: every trainable one); the same on every rank.
         """
-        params = [p for p in expert_parameters(self.lightning_module) if p.requires_grad]
+        module = self.lightning_module
+        assert module is not None
+        params = [p for p in (expert_parameters(module) if params is None else params) if p.requires_grad]
         if not params or self.world_size == 1:
             return
         gradients.reduce_expert_gradients(params, self.expert_data_group, self.world_size, self.root_device)

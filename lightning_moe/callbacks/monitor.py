@@ -92,10 +92,12 @@ class ExpertLoadMonitor(Callback):
     def _reset(self, layers: list[tuple[str, MoE]]) -> None:
         self._layers = layers
         self._seen: list[int] = [layer.forward_count for _, layer in layers]
+        self._sizes = [layer.num_experts for _, layer in layers]  # E_l of the window (pruning changes them)
         self._counts: Tensor | None = None  # [sum_l E_l] token->expert assignments per expert
         self._dropped: Tensor | None = None  # [L]
         self._assignments: Tensor | None = None  # [L]
         self._batches = 0
+        self._window_step = 0  # global step after the last counted batch
         self._last_step = -1
 
     def __getstate__(self) -> dict:
@@ -113,6 +115,16 @@ class ExpertLoadMonitor(Callback):
     ) -> None:
         if not self._layers:
             return
+        if [layer.num_experts for _, layer in self._layers] != self._sizes:
+            # Experts were removed (ExpertPruning) since the last batch: draw the window so far with the
+            # experts it counted, then count the layers at their new size, this batch included.
+            before, seen = [layer for _, layer in self._layers], self._seen
+            if self._batches and self._counts is not None:
+                self._render(trainer, pl_module, self._window_step)
+            else:
+                self._reset(find_moe_layers(pl_module))
+            if [id(layer) for layer in before] == [id(layer) for _, layer in self._layers]:
+                self._seen = seen
         # A layer counts when it ran since the last batch.
         ran = [layer.forward_count != seen for (_, layer), seen in zip(self._layers, self._seen, strict=True)]
         self._seen = [layer.forward_count for _, layer in self._layers]
@@ -126,7 +138,7 @@ class ExpertLoadMonitor(Callback):
             self._dropped += dropped
             self._assignments += assignments
         self._batches += 1
-        step = trainer.global_step
+        step = self._window_step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._render(trainer, pl_module, step)
 
@@ -137,7 +149,7 @@ class ExpertLoadMonitor(Callback):
     # -- rendering -------------------------------------------------------------------------------
 
     def _render(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        layers = self._layers
+        layers, sizes = self._layers, self._sizes
         state = torch.cat([self._counts, self._dropped, self._assignments])
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.all_reduce(state, op=dist.ReduceOp.SUM)
@@ -151,7 +163,6 @@ class ExpertLoadMonitor(Callback):
         self._last_step = step
         if not trainer.is_global_zero:
             return
-        sizes = [layer.num_experts for _, layer in layers]
         counts_L = [c.cpu() for c in state[: sum(sizes)].split(sizes)]
         dropped_L = state[sum(sizes): sum(sizes) + len(layers)].cpu()
         assignments_L = state[sum(sizes) + len(layers):].cpu()

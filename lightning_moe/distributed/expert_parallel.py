@@ -41,7 +41,7 @@ from lightning_moe.nn.moe import MoE, find_moe_layers
 
 GROUPED_PARAMS = ("w1", "w2", "w3", "b1", "b2", "b3")
 # Per-forward routing stats of the layer: rank-local values, never broadcast by DDP.
-STAT_BUFFERS = ("tokens_per_expert", "dropped_tokens", "routed_tokens", "router_entropy")
+STAT_BUFFERS = ("tokens_per_expert", "dropped_tokens", "routed_tokens", "router_entropy", "global_tokens_per_expert")
 
 
 @dataclass(frozen=True)

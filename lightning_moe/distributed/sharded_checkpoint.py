@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_moe.distributed.expert_parallel import ExpertShard
-from lightning_moe.distributed.shard_layout import GROUPED, OptimizerLayout, ShardLayout
+from lightning_moe.distributed.shard_layout import GROUPED, OptimizerLayout, ShardLayout, is_per_expert
 
 META_FILENAME = "meta.pt"
 
@@ -56,9 +56,8 @@ def sharded_optimizer_state(optimizer: Optimizer, olayout: OptimizerLayout, mesh
     for idx, st in local["state"].items():
         name = olayout.local_names[idx]
         kind, shard, _, _ = layout.classify(name)
-        param = olayout.params[idx]
-        state[layout.logical_name(name)] = {
-            k: _dtensor(v, shard, mesh) if kind == GROUPED and isinstance(v, Tensor) and v.shape == param.shape else v
+        state[layout.logical_name(name)] = {  # per-expert rows (factored states too) shard with the experts
+            k: _dtensor(v, shard, mesh) if kind == GROUPED and is_per_expert(v, shard.num_local) else v
             for k, v in st.items()
         }
     return {"state": state, "param_groups": olayout.param_groups(local["param_groups"], key=str)}
@@ -94,6 +93,15 @@ def save_sharded(checkpoint: dict[str, Any], path: Path, is_global_zero: bool) -
 def is_sharded_checkpoint(path: str | Path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / META_FILENAME).is_file()
+
+
+def saved_model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every model tensor in a DCP directory (logical names), read from its metadata only."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k[len("model/"):]: tuple(md.size) for k, md in metadata.items()
+            if k.startswith("model/") and hasattr(md, "size")}
 
 
 def _optimizer_states_from_flat(flat: Mapping[str, Any], meta_optimizers: list[dict]) -> list[dict[str, Any]]:
@@ -157,8 +165,12 @@ def load_sharded(path: Path, local_state: Mapping[str, Tensor], olayouts: list[O
         if kind == GROUPED and like is not None and len(size) and size[0] == shard.num_experts and mesh is not None:
             local = torch.empty((shard.num_local, *size[1:]), dtype=dtype, device=like.device)
             template[key] = _dtensor(local, shard, mesh)
+        elif like is None or (key.startswith("optim") and not len(size)):
+            # A 0-dim optimizer state (Adam's step) stays on the CPU, where torch keeps it unless the optimizer
+            # is capturable or fused (its load_state_dict then moves it to the parameter's device itself).
+            template[key] = torch.empty(size, dtype=dtype, device="cpu")
         else:
-            template[key] = torch.empty(size, dtype=dtype, device=like.device if like is not None else "cpu")
+            template[key] = torch.empty(size, dtype=dtype, device=like.device)
 
     for name, tensor in local_state.items():
         kind, shard, _, _ = layout.classify(name)

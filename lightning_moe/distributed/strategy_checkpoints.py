@@ -19,48 +19,46 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import DDPStrategy
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_moe import _compat
-from lightning_moe.distributed import fsdp, fsdp_checkpoint, full_checkpoint, sharded_checkpoint
+from lightning_moe import _compat, prune
+from lightning_moe.distributed import atomic, fsdp, fsdp_checkpoint, full_checkpoint, sharded_checkpoint
 from lightning_moe.distributed.shard_layout import (
     OptimizerLayout,
     ShardLayout,
     local_model_state,
     local_optimizer_state,
 )
+from lightning_moe.distributed.strategy_meshes import StrategyMeshes
 
 __all__ = ["StrategyCheckpoints", "unwrap_optimizer"]
 
 
-class StrategyCheckpoints(DDPStrategy):
+class StrategyCheckpoints(StrategyMeshes):
     """The checkpoint half of :class:`~lightning_moe.MoEStrategy` (its base class): state dicts, save, load.
 
-    Reads the strategy's ``_data_parallel``, ``_checkpoint``, ``_layout()``, ``device_mesh``, ``expert_group``,
-    ``expert_parallel_size`` and ``_released_layouts``.
+    Reads the strategy's ``_checkpoint``, ``_layout()`` and ``_released_layouts``.
     """
 
-    _data_parallel: str
     _checkpoint: str
-    _device_mesh: Any
     _released_layouts: dict[int, OptimizerLayout]
 
     def _layout(self) -> ShardLayout:
         raise NotImplementedError
 
-    @property
-    def device_mesh(self) -> Any:
-        raise NotImplementedError
+    def _shrink_to_saved(self, shapes: Mapping[str, Any]) -> None:
+        # A checkpoint written after ExpertPruning holds fewer experts: shrink (and re-shard) those layers
+        # before reading their slices, with the optimizers following the new parameters; then re-wrap DDP.
+        optimizers, module = [unwrap_optimizer(o) for o in self.optimizers], self.lightning_module
+        assert module is not None
+        if prune.shrink_to_saved(module, prune.saved_expert_counts(shapes), optimizers):
+            if isinstance(self.model, DistributedDataParallel):
+                self.model = self.lightning_module
+                self.configure_ddp()
 
-    @property
-    def expert_group(self) -> dist.ProcessGroup:
-        raise NotImplementedError
-
-    @property
-    def expert_parallel_size(self) -> int:
-        raise NotImplementedError
 
     def _gather_args(self) -> tuple[dist.ProcessGroup, bool, bool]:
         # The expert group holding global rank 0 gathers to it; other groups keep their shards.
@@ -92,10 +90,10 @@ class StrategyCheckpoints(DDPStrategy):
         if self._checkpoint == "sharded":
             olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
             return sharded_checkpoint.sharded_optimizer_state(optimizer, olayout, self._device_mesh)
-        if layout.shards:
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
-        elif id(optimizer) in self._released_layouts:  # saved after fit: the model is whole again, the optimizer not
+        if id(optimizer) in self._released_layouts:  # saved after fit: the optimizer holds fit's expert shards
             olayout = self._released_layouts[id(optimizer)]
+        elif layout.shards:
+            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
         else:
             return optimizer.state_dict()
         group, member, is_dst = self._gather_args()
@@ -106,20 +104,34 @@ class StrategyCheckpoints(DDPStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _compat.PATH,
                         storage_options: Any | None = None) -> None:
+        # Both formats are written under a temporary name and renamed once complete (distributed/atomic.py):
+        # a rank killed during a save leaves the previous checkpoint loadable.
         if self._checkpoint == "full":
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
+            if not atomic.is_local(filepath):
+                return super().save_checkpoint(checkpoint, filepath, storage_options)
+            if self.is_global_zero:
+                atomic.write_file(lambda p: self.checkpoint_io.save_checkpoint(checkpoint, p, storage_options),
+                                  Path(filepath))
+            return None
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}(checkpoint='sharded') writes with torch.distributed.checkpoint "
                             "and takes no storage_options")
         path = Path(self.broadcast(str(filepath)))
-        if self.is_global_zero and path.is_file():
-            path.unlink()
+        partial = atomic.partial_path(path)
+        if self.is_global_zero:
+            atomic.clear_partial(path)
         self.barrier()
-        sharded_checkpoint.save_sharded(checkpoint, path, self.is_global_zero)
+        sharded_checkpoint.save_sharded(checkpoint, partial, self.is_global_zero)
         self.barrier()
+        if self.is_global_zero:
+            atomic.replace_directory(partial, path)
+        self.barrier()
+        return None
 
     @override
     def load_checkpoint(self, checkpoint_path: _compat.PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        if weights_only is None:  # Lightning drops the user's value for strategies that restore after setup
+            weights_only = _compat.running_weights_only()
         path = Path(self.broadcast(str(checkpoint_path)))
         module = self.lightning_module
         if self._data_parallel == "fsdp":
@@ -134,6 +146,7 @@ class StrategyCheckpoints(DDPStrategy):
                 # NOTE: mapped, not read: each rank copies only its slices (its experts) out of the file.
                 return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
             return super().load_checkpoint(path, weights_only=weights_only)
+        self._shrink_to_saved(sharded_checkpoint.saved_model_shapes(path))
         layout = self._layout()
         olayouts = [OptimizerLayout(unwrap_optimizer(o), module, layout) for o in self.optimizers]
         return sharded_checkpoint.load_sharded(path, module.state_dict(), olayouts, layout, self._device_mesh,
@@ -144,6 +157,7 @@ class StrategyCheckpoints(DDPStrategy):
         if self._data_parallel == "fsdp":
             return  # load_checkpoint read the shards in place
         module = self.lightning_module
+        self._shrink_to_saved({k: v.shape for k, v in checkpoint["state_dict"].items() if isinstance(v, Tensor)})
         state = local_model_state(checkpoint["state_dict"], module.state_dict(), self._layout())
         module.load_state_dict(state, strict=strict)
 

@@ -26,7 +26,8 @@ Router weights and biases, the score-correction bias and the shared-expert gate 
 our tensors are still views of one storage in HF's geometry it hands that storage back (zero copy),
 otherwise (copies, experts regathered by expert parallelism, a deepcopy) it assembles fresh tensors.
 
-Shape legend: E experts, D model width, H expert hidden width, W = 2H.
+Shape legend (the package's, see :mod:`lightning_moe.nn`): E experts, D model width, H expert hidden width
+(2H: fused gate+up).
 """
 
 from __future__ import annotations

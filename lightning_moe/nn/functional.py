@@ -7,6 +7,7 @@ Shape legend (suffixes on tensor names):
     T: tokens (flattened leading dims)    D: model width       H: expert hidden width
     E: experts (global)                   K: top_k              N: token->expert assignments (T*K)
     M: assignments kept after capacity    C: expert capacity (expert-choice)
+    B: sequences (leading dims before the sequence dim)    S: tokens per sequence (``T = B * S``)
 """
 
 from __future__ import annotations
@@ -179,10 +180,14 @@ def load_balancing_loss(
     (counted before drops; no gradient flows through counts), ``P_i`` the mean router probability
     of expert i over the routed tokens. Equals 1 when routing is uniform.
 
+    The global scope of :class:`~lightning_moe.MoE` calls it with the counts and the token count of
+    the global batch (summed over ranks) and this rank's ``probs_TE``: ``P_i`` is then this rank's
+    share of the global mean, and W ranks' results, each times W, average to the global-batch loss.
+
     Args:
         probs_TE: per-token probabilities over experts (rows sum to 1).
         counts_E: assignments per expert.
-        num_tokens: routed tokens (padding excluded).
+        num_tokens: routed tokens (padding excluded) that ``counts_E`` counts.
         top_k: assignments per token.
         valid_T: bool mask of routed tokens; rows outside it do not enter ``P_i``.
     """
@@ -195,9 +200,68 @@ def load_balancing_loss(
     return num_experts * (f_E * p_E).sum()
 
 
-def z_loss(logits_TE: Tensor, valid_T: Tensor | None = None) -> Tensor:
-    """ST-MoE router z-loss without its coefficient: ``mean(logsumexp(logits)^2)`` over routed tokens."""
+def sequence_load_balancing_loss(
+    probs_BSE: Tensor, top_ids_BSK: Tensor, valid_BS: Tensor | None = None, num_sequences: Tensor | int | None = None
+) -> Tensor:
+    """DeepSeek-V3's sequence-wise balancing loss without its coefficient: the mean over sequences of
+    :func:`load_balancing_loss` computed on each sequence alone.
+
+    For sequence b with ``S_b`` routed tokens: ``E * sum_i f_bi * P_bi``, ``f_bi`` the share of its
+    ``S_b * K`` assignments routed to expert i (before drops), ``P_bi`` the mean probability of expert
+    i over its routed tokens. A sequence without a routed token (all padding) has no loss and is not
+    counted. It balances every sequence on its own, which a batch-level loss does not: a batch of
+    sequences that each use one expert can be balanced as a whole.
+
+    Args:
+        probs_BSE: per-token probabilities over experts (rows sum to 1: normalise sigmoid scores first).
+        top_ids_BSK: chosen experts; ``E`` marks an unrouted (padded) token (:func:`topk_routing`).
+        valid_BS: bool mask of routed tokens; default all.
+        num_sequences: divisor, default the sequences here with a routed token. The global scope passes
+            the number over every rank, so that W ranks' results, each times W, average to the
+            global-batch value.
+
+    Returns:
+        ``sum_b loss_b / num_sequences`` (0 without a routed sequence).
+
+    Example:
+        >>> probs_BSE = torch.tensor([[[0.5, 0.5], [0.5, 0.5]], [[0.9, 0.1], [0.9, 0.1]]])
+        >>> top_ids_BSK = torch.tensor([[[0], [1]], [[0], [0]]])  # sequence 0 balanced, sequence 1 not
+        >>> round(float(sequence_load_balancing_loss(probs_BSE, top_ids_BSK)), 4)  # (1.0 + 2 * 0.9) / 2
+        1.4
+    """
+    B, S, E = probs_BSE.shape
+    K = top_ids_BSK.shape[-1]
+    ids_BN = top_ids_BSK.reshape(B, S * K)
+    # Column E collects the padding sentinel and is dropped.
+    counts_BE = torch.zeros(B, E + 1, dtype=torch.long, device=ids_BN.device)
+    counts_BE = counts_BE.scatter_add_(1, ids_BN, torch.ones_like(ids_BN))[:, :E]
+    if valid_BS is None:
+        tokens_B = torch.full((B,), S, dtype=probs_BSE.dtype, device=probs_BSE.device)
+    else:
+        tokens_B = valid_BS.sum(dim=1).to(probs_BSE.dtype)
+        probs_BSE = probs_BSE * valid_BS[..., None].to(probs_BSE.dtype)
+    if num_sequences is None:
+        num_sequences = (tokens_B > 0).sum()
+    tokens_B = tokens_B.clamp_min(1)
+    f_BE = counts_BE.to(probs_BSE.dtype) / (tokens_B[:, None] * K)
+    p_BE = probs_BSE.sum(dim=1) / tokens_B[:, None]
+    loss_B = E * (f_BE * p_BE).sum(dim=-1)
+    return loss_B.sum() / torch.as_tensor(num_sequences, device=loss_B.device).to(loss_B.dtype).clamp_min(1)
+
+
+def z_loss(logits_TE: Tensor, valid_T: Tensor | None = None, num_tokens: Tensor | int | None = None) -> Tensor:
+    """ST-MoE router z-loss without its coefficient: ``mean(logsumexp(logits)^2)`` over routed tokens.
+
+    Args:
+        logits_TE: router logits.
+        valid_T: bool mask of routed tokens; default all.
+        num_tokens: divisor of the sum over routed tokens, default their number here. The global scope
+            passes the routed tokens of every rank (see :func:`load_balancing_loss`).
+    """
     lse_T = torch.logsumexp(logits_TE, dim=-1).square()
+    if num_tokens is not None:
+        total = lse_T.sum() if valid_T is None else (lse_T * valid_T).sum()
+        return total / torch.as_tensor(num_tokens, device=total.device).to(total.dtype).clamp_min(1)
     if valid_T is None:
         return lse_T.mean() if lse_T.numel() else lse_T.sum()
     return (lse_T * valid_T).sum() / valid_T.sum().clamp_min(1)

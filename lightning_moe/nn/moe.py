@@ -14,11 +14,19 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.nn import functional as MF
+from lightning_moe.nn import recompute
 from lightning_moe.nn.dispatch import ExpertDispatcher, LocalDispatcher
-from lightning_moe.nn.experts import ACTIVATIONS, GroupedExperts, TemplateExperts
+from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
+from lightning_moe.nn.options import ROUTERS as ROUTERS
+from lightning_moe.nn.options import validate_args, validate_published_options
+from lightning_moe.nn.reduce import (
+    CountReduction,
+    LocalCountReduction,
+    check_scope,
+    scoped_losses,
+    start_count_reduction,
+)
 from lightning_moe.nn.router import ExpertChoiceRouter, TokenChoiceRouter
-
-ROUTERS = ("token_choice", "expert_choice")
 
 
 class MoE(nn.Module):
@@ -74,6 +82,13 @@ class MoE(nn.Module):
         swiglu_limit: ``activation="swiglu_oai"``: clamp of the gate and up projections (default 7.0).
         device: where to create parameters (``"meta"`` builds without memory).
         dtype: parameter dtype; the router still computes in float32.
+        aux_loss_scope: which tokens the balancing loss and z-loss are means over in training (see
+            :mod:`lightning_moe.nn.reduce` for the exact formulas and why): ``"global"`` (default) the
+            global batch, counts summed over every rank by :attr:`count_reduction` (installed by
+            ``MoEStrategy``), so that N ranks optimise the single-process loss, padding included;
+            ``"local"`` this rank's tokens (no collective); ``"sequence"`` DeepSeek-V3's sequence-wise
+            balancing loss (input ``[..., S, dim]``), averaged over the global batch's sequences (token
+            choice only). Alone, or in eval mode, ``"global"`` equals ``"local"``.
 
     Attributes:
         aux_loss: balancing + z-loss of the last forward, coefficients applied, with graph.
@@ -87,6 +102,12 @@ class MoE(nn.Module):
         dispatcher: the :class:`~lightning_moe.nn.dispatch.ExpertDispatcher` that runs the experts
             (:class:`~lightning_moe.nn.dispatch.LocalDispatcher` unless a strategy installed another
             through :attr:`expert_dispatcher`).
+        count_reduction: the :class:`~lightning_moe.nn.reduce.CountReduction` that sums routing counts
+            over ranks for the global and sequence scopes (local unless a strategy installed another).
+        global_tokens_per_expert: ``LongTensor[E]`` of the last forward: ``tokens_per_expert`` summed
+            over the :attr:`reduced_over` ranks the losses were formed on (equal to it when nothing was reduced).
+        reduced_over: how many ranks' counts ``global_tokens_per_expert`` sums (1: this rank's own). Bias
+            balancing reads it to skip its own all-reduce.
 
     Example:
         >>> layer = MoE(dim=16, num_experts=4, top_k=2)
@@ -95,6 +116,12 @@ class MoE(nn.Module):
         >>> int(layer.tokens_per_expert.sum())
         12
     """
+    # Per-forward stats, registered as non-persistent buffers in __init__ (annotated for type checkers).
+    tokens_per_expert: Tensor
+    dropped_tokens: Tensor
+    routed_tokens: Tensor
+    router_entropy: Tensor
+    global_tokens_per_expert: Tensor
 
     def __init__(
         self,
@@ -126,14 +153,18 @@ class MoE(nn.Module):
         swiglu_limit: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        aux_loss_scope: str = "global",
     ) -> None:
         super().__init__()
         hidden_dim = 4 * dim if hidden_dim is None and isinstance(dim, int) else hidden_dim
-        self._validate(dim, num_experts, top_k, hidden_dim, activation, router, score_func, capacity_factor,
-                       num_shared_experts, aux_loss_coef, z_loss_coef, bias_update_rate, router_jitter, expert)
-        self._validate_published_options(num_experts, top_k, activation, router, score_func, num_shared_experts,
-                                         use_expert_bias, num_groups, top_groups, routed_scaling_factor,
-                                         shared_expert_gate, shared_expert_hidden_dim, swiglu_alpha, swiglu_limit)
+        name = type(self).__name__
+        validate_args(name, dim, num_experts, top_k, hidden_dim, activation, router, score_func, capacity_factor,
+                      num_shared_experts, aux_loss_coef, z_loss_coef, bias_update_rate, router_jitter, expert)
+        validate_published_options(name, num_experts, top_k, activation, router, score_func, num_shared_experts,
+                                   use_expert_bias, num_groups, top_groups, routed_scaling_factor, shared_expert_gate,
+                                   shared_expert_hidden_dim, swiglu_alpha, swiglu_limit)
+        check_scope(aux_loss_scope, router, type(self).__name__)
+        self.aux_loss_scope = aux_loss_scope
         self.dim = dim
         self.num_experts = num_experts
         self.top_k = top_k
@@ -184,6 +215,9 @@ class MoE(nn.Module):
         self.shared_gate = nn.Linear(dim, 1, bias=False, **factory) if shared_expert_gate else None
         # Replaced from outside (expert_dispatcher) by the expert-parallel strategy; the layer knows no process group.
         self.dispatcher: ExpertDispatcher = LocalDispatcher()
+        # Replaced from outside (count_reduction) by the strategy, for the global and sequence loss scopes.
+        self._count_reduction: CountReduction = LocalCountReduction()
+        self.reduced_over = 1
         self.forward_count = 0
 
         stat_device = device
@@ -195,80 +229,15 @@ class MoE(nn.Module):
                              persistent=False)
         self.register_buffer("router_entropy", torch.zeros((), dtype=torch.float32, device=stat_device),
                              persistent=False)
+        self.register_buffer("global_tokens_per_expert", torch.zeros(num_experts, dtype=torch.long,
+                                                                     device=stat_device), persistent=False)
         self._aux_loss: Tensor | None = None
         self._load_balancing_loss: Tensor | None = None
         self._z_loss: Tensor | None = None
+        # A state saved after expert pruning holds fewer experts: loading it shrinks the layer first.
+        from lightning_moe.prune import shrink_to_saved_hook  # the expert surgery, which imports this module
 
-    def _validate(self, dim, num_experts, top_k, hidden_dim, activation, router, score_func, capacity_factor,
-                  num_shared_experts, aux_loss_coef, z_loss_coef, bias_update_rate, router_jitter, expert) -> None:
-        name = type(self).__name__
-        for arg, value in (("dim", dim), ("num_experts", num_experts), ("top_k", top_k), ("hidden_dim", hidden_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}: {arg}={value!r} must be a positive int")
-        if top_k > num_experts:
-            raise ValueError(f"{name}: top_k={top_k} must be <= num_experts={num_experts}; lower top_k or add experts")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{name}: activation={activation!r} must be one of {ACTIVATIONS}")
-        if router not in ROUTERS:
-            raise ValueError(f"{name}: router={router!r} must be one of {ROUTERS}")
-        if score_func not in MF.SCORE_FUNCS:
-            raise ValueError(f"{name}: score_func={score_func!r} must be one of {MF.SCORE_FUNCS}")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"{name}: capacity_factor={capacity_factor!r} must be > 0, or None for dropless routing")
-        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
-            raise ValueError(f"{name}: num_shared_experts={num_shared_experts!r} must be an int >= 0")
-        for arg, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef),
-                           ("bias_update_rate", bias_update_rate), ("router_jitter", router_jitter)):
-            if not value >= 0:
-                raise ValueError(f"{name}: {arg}={value!r} must be >= 0 (0 disables it)")
-        if router_jitter >= 1:
-            raise ValueError(f"{name}: router_jitter={router_jitter!r} must be < 1 (noise is U(1-eps, 1+eps))")
-        if router == "expert_choice" and bias_update_rate > 0:
-            raise ValueError(f"{name}: bias_update_rate={bias_update_rate} needs router='token_choice'; "
-                             "expert choice is balanced by construction")
-        if expert is not None and not isinstance(expert, nn.Module):
-            raise ValueError(f"{name}: expert={type(expert).__name__} must be an nn.Module mapping dim -> dim")
-
-    def _validate_published_options(self, num_experts, top_k, activation, router, score_func, num_shared_experts,
-                                    use_expert_bias, num_groups, top_groups, routed_scaling_factor,
-                                    shared_expert_gate, shared_expert_hidden_dim, swiglu_alpha, swiglu_limit) -> None:
-        """The options that published MoE models need (GPT-OSS, DeepSeek-V3, Qwen2-MoE)."""
-        name = type(self).__name__
-        token_choice_only = {"score_func='softmax_topk'": score_func == "softmax_topk",
-                             f"num_groups={num_groups}": num_groups != 1,
-                             f"routed_scaling_factor={routed_scaling_factor}": routed_scaling_factor != 1.0,
-                             "use_expert_bias=True": bool(use_expert_bias)}
-        for arg, used in token_choice_only.items():
-            if used and router != "token_choice":
-                raise ValueError(f"{name}: {arg} needs router='token_choice'; drop it for expert choice")
-        for arg, value in (("num_groups", num_groups), ("top_groups", top_groups)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}: {arg}={value!r} must be a positive int (1 disables group-limited routing)")
-        if num_experts % num_groups:
-            raise ValueError(f"{name}: num_groups={num_groups} must divide num_experts={num_experts}")
-        if top_groups > num_groups:
-            raise ValueError(f"{name}: top_groups={top_groups} must be <= num_groups={num_groups}")
-        if num_groups > 1 and top_k > top_groups * (num_experts // num_groups):
-            raise ValueError(f"{name}: top_k={top_k} exceeds the {top_groups * (num_experts // num_groups)} experts of "
-                             f"top_groups={top_groups} groups; raise top_groups or lower top_k")
-        if not (isinstance(routed_scaling_factor, (int, float)) and routed_scaling_factor > 0):
-            raise ValueError(f"{name}: routed_scaling_factor={routed_scaling_factor!r} must be a number > 0 "
-                             "(1.0 leaves the weights as they are)")
-        if shared_expert_gate and not num_shared_experts:
-            raise ValueError(f"{name}: shared_expert_gate=True needs num_shared_experts > 0")
-        if shared_expert_hidden_dim is not None:
-            if not num_shared_experts:
-                raise ValueError(f"{name}: shared_expert_hidden_dim={shared_expert_hidden_dim} needs "
-                                 "num_shared_experts > 0")
-            if not isinstance(shared_expert_hidden_dim, int) or shared_expert_hidden_dim <= 0:
-                raise ValueError(f"{name}: shared_expert_hidden_dim={shared_expert_hidden_dim!r} must be a positive "
-                                 "int")
-        for arg, value in (("swiglu_alpha", swiglu_alpha), ("swiglu_limit", swiglu_limit)):
-            if value is not None and activation != "swiglu_oai":
-                raise ValueError(f"{name}: {arg}={value!r} applies to activation='swiglu_oai' only "
-                                 f"(activation={activation!r}); drop it or switch the activation")
-            if value is not None and not value > 0:
-                raise ValueError(f"{name}: {arg}={value!r} must be > 0")
+        self.register_load_state_dict_pre_hook(shrink_to_saved_hook)
 
     def extra_repr(self) -> str:
         drop = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
@@ -303,6 +272,18 @@ class MoE(nn.Module):
                              "ExpertDispatcher protocol (plan(kept_counts_E) and __call__(x_MD, plan, experts)), "
                              "or be None for local experts")
         self.dispatcher = LocalDispatcher() if dispatcher is None else dispatcher
+
+    @property
+    def count_reduction(self) -> CountReduction:
+        """How the global/sequence scopes sum counts over ranks (installed from outside; None restores the local)."""
+        return self._count_reduction
+
+    @count_reduction.setter
+    def count_reduction(self, reduction: CountReduction | None) -> None:
+        if reduction is not None and not isinstance(reduction, CountReduction):
+            raise ValueError(f"{self.display_name}: count_reduction={reduction!r} must implement the CountReduction "
+                             "protocol (size, start(counts_X) and wait(pending_X)), or be None for this rank alone")
+        self._count_reduction = LocalCountReduction() if reduction is None else reduction
 
     @property
     def assignments(self) -> Tensor:
@@ -376,12 +357,14 @@ class MoE(nn.Module):
                                  f"x.shape[:-1]={tuple(x.shape[:-1])}")
             valid_T = ~padding_mask.reshape(-1).to(torch.bool)
 
+        seq_len = x.shape[-2] if x.ndim >= 2 else 1  # the sequence dim of the sequence scope
         if self.router_type == "token_choice":
-            out_TD = self._token_choice(x_TD, valid_T)
+            out_TD = self._token_choice(x_TD, valid_T, seq_len)
         else:
             out_TD = self._expert_choice(x_TD, valid_T)
         if self.shared_experts is not None:
             out_TD = out_TD + self._shared(x_TD)
+        out_TD = recompute.after_forward(self, out_TD, self.aux_loss)  # reentrant activation checkpointing
         self.forward_count += 1
         return out_TD.reshape(x.shape)
 
@@ -392,7 +375,7 @@ class MoE(nn.Module):
             y_TD = torch.sigmoid(self.shared_gate(x_TD)) * y_TD
         return y_TD
 
-    def _token_choice(self, x_TD: Tensor, valid_T: Tensor | None) -> Tensor:
+    def _token_choice(self, x_TD: Tensor, valid_T: Tensor | None, seq_len: int) -> Tensor:
         num_tokens = x_TD.shape[0]
         routing = self.router(x_TD, valid_T)
         self._check_finite(routing.logits_TE)
@@ -402,6 +385,8 @@ class MoE(nn.Module):
             capacity = MF.expert_capacity(self.capacity_factor, num_routed, self.top_k, self.num_experts)
         # 1. Sort the T*K assignments (k-major) by expert; capacity drops overflow, deterministically.
         order_N, _, counts_E, kept_counts_E = MF.sort_by_expert(routing.top_ids_TK, self.num_experts, capacity)
+        # Global/sequence scopes: the counts' sum over ranks travels while the experts run (waited in _set_losses).
+        pending_X = start_count_reduction(self._count_reduction, self._scope, counts_E, num_routed, valid_T, seq_len)
         # 2. Plan the dispatch. NOTE: the one host sync of the layer: per-expert counts size the expert
         # GEMMs (an expert-parallel dispatcher exchanges counts with its peers in the same sync).
         plan = self.dispatcher.plan(kept_counts_E)
@@ -416,8 +401,8 @@ class MoE(nn.Module):
         probs_TE = routing.scores_TE
         if self.score_func == "sigmoid":
             probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        balance = MF.load_balancing_loss(probs_TE, counts_E, num_routed, self.top_k, valid_T)
-        self._set_losses(balance, MF.z_loss(routing.logits_TE, valid_T))
+        self._set_losses(routing.logits_TE, valid_T, counts_E, num_routed, pending_X,
+                         probs_TE=probs_TE, top_ids_TK=routing.top_ids_TK, seq_len=seq_len)
         self._record(counts_E, counts_E.sum() - kept_counts_E.sum(), num_routed, routing.scores_TE, valid_T)
         return out_TD
 
@@ -429,6 +414,8 @@ class MoE(nn.Module):
         weights_M = routing.weights_EC.reshape(-1)
         capacity = routing.token_ids_EC.shape[1]
         counts_E = routing.chosen_EC.sum(dim=1)
+        num_routed = num_tokens if valid_T is None else valid_T.sum()
+        pending_X = start_count_reduction(self._count_reduction, self._scope, counts_E, num_routed, valid_T, 1)
         # Every expert fills its capacity (known on the host): a local plan needs no sync; an
         # expert-parallel one still exchanges counts (ranks' capacities differ with their token counts).
         kept_counts_E = torch.full_like(counts_E, capacity)
@@ -440,8 +427,7 @@ class MoE(nn.Module):
             taken_T = torch.zeros(num_tokens, device=x_TD.device, dtype=torch.long)
             taken_T.index_add_(0, token_M, routing.chosen_EC.reshape(-1).long())
             untaken_T = taken_T == 0 if valid_T is None else (taken_T == 0) & valid_T
-        num_routed = num_tokens if valid_T is None else valid_T.sum()
-        self._set_losses(None, MF.z_loss(routing.logits_TE, valid_T))
+        self._set_losses(routing.logits_TE, valid_T, counts_E, num_routed, pending_X)
         self._record(counts_E, untaken_T.sum(), num_routed, routing.scores_TE, valid_T)
         return out_TD
 
@@ -460,12 +446,25 @@ class MoE(nn.Module):
                 "check the layer input, lower the learning rate, or use NonFiniteGuard"
             )
 
-    def _set_losses(self, balance: Tensor | None, z: Tensor) -> None:
-        z_loss = self.z_loss_coef * z
-        balance_loss = z_loss * 0 if balance is None else self.aux_loss_coef * balance
-        self._load_balancing_loss = balance_loss
-        self._z_loss = z_loss
-        self._aux_loss = balance_loss + z_loss
+    @property
+    def _scope(self) -> str:
+        # This rank's losses in eval mode (evaluation never waits for peers) and when nothing uses the sums
+        # (no loss, no bias balancing: the losses are 0 either way), so that neither costs a collective.
+        used = self.aux_loss_coef > 0 or self.z_loss_coef > 0 or self.bias_update_rate > 0
+        return self.aux_loss_scope if self.training and used else "local"
+
+    def _set_losses(self, logits_TE: Tensor, valid_T: Tensor | None, counts_E: Tensor, num_routed: Tensor | int,
+                    pending_X: Tensor | None, probs_TE: Tensor | None = None, top_ids_TK: Tensor | None = None,
+                    seq_len: int = 1) -> None:
+        """Form this forward's losses by scope (coefficients applied) and record the counts they used."""
+        losses = scoped_losses(self._scope, self._count_reduction, pending_X, logits_TE, valid_T, counts_E, num_routed,
+                               self.top_k, probs_TE, top_ids_TK, seq_len)
+        z_loss = self.z_loss_coef * losses.z
+        balance_loss = z_loss * 0 if losses.balance is None else self.aux_loss_coef * losses.balance
+        self._load_balancing_loss, self._z_loss, self._aux_loss = balance_loss, z_loss, balance_loss + z_loss
+        with torch.no_grad():
+            self.global_tokens_per_expert.copy_(losses.global_counts_E)
+        self.reduced_over = losses.reduced_over
 
     @torch.no_grad()
     def _record(self, counts_E: Tensor, dropped: Tensor, num_routed, scores_TE: Tensor, valid_T) -> None:
