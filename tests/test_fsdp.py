@@ -192,14 +192,17 @@ def test_four_ranks_ep2_x_data2_equal_one_process(four_ranks, expected):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize(("devices", "ep"), [(2, 2), (1, 1)])
-def test_checkpoint_of_four_ranks_resumes_at_other_sizes(four_ranks, expected, tmp_path, devices, ep):
+@pytest.mark.parametrize(("devices", "ep", "mode"), [(2, 2, "fsdp"), (1, 1, "fsdp"), (2, 2, "ddp")])
+def test_checkpoint_of_four_ranks_resumes_at_other_sizes(four_ranks, expected, tmp_path, devices, ep, mode):
     out, _ = four_ranks
     checkpoint = out / "stepstep=3.ckpt"
     assert (checkpoint / ".metadata").is_file()
-    _fit(tmp_path, devices=devices, ep=ep, resume=str(checkpoint))
-    assert _max_diff(consolidate_checkpoint(tmp_path / "final")["state_dict"], expected.state_dict()) < TOL
-
+    _fit(tmp_path, devices=devices, ep=ep, resume=str(checkpoint), data_parallel=mode)
+    if mode == "fsdp":
+        final = consolidate_checkpoint(tmp_path / "final")["state_dict"]
+    else:  # the same directory resumed under DDP, which saves a full file
+        final = torch.load(tmp_path / "final", weights_only=True)["state_dict"]
+    assert _max_diff(final, expected.state_dict()) < TOL
 
 # -- full files from DCP directories, one tensor at a time; full files mapped, not read --------------------------
 

@@ -69,7 +69,7 @@ def fit(params: dict) -> None:
         "router_dtypes": sorted({str(p.dtype) for layer in (model.net.moe1, model.net.moe2)
                                  for p in layer.router.parameters()}),
         "expert_dtypes": sorted({str(p.dtype) for p in experts}),
-        "finite": all(bool(p.to_local().isfinite().all()) for p in model.parameters()),
+        "finite": all(bool((p.to_local() if is_dtensor(p) else p).isfinite().all()) for p in model.parameters()),
     }, rank=tr.global_rank)
 
 
