@@ -240,16 +240,18 @@ def tensor_shapes(arch: Architecture) -> list[tuple[str, tuple[int, ...], bool]]
                          "tensors; use count_params, or an Architecture without them")
     (h, kv, hd, vd), d = arch.attention_dims, arch.dim
 
-    def ffn(prefix: str, hidden: int, activation: str, stacked: int | None, expert: bool) -> list:
+    def ffn(prefix: str, hidden: int, activation: str, stacked: int | None,
+            expert: bool) -> list[tuple[str, tuple[int, ...], bool]]:
         gated = activation in GATED_ACTIVATIONS
+        shapes: list[tuple[str, tuple[int, ...], bool]]
         if stacked is None:  # DenseFFN: nn.Linear weights [out, in]
-            return [(f"{prefix}.w1.weight", (hidden, d), expert)] + (
-                [(f"{prefix}.w3.weight", (hidden, d), expert)] if gated else []) + [
-                (f"{prefix}.w2.weight", (d, hidden), expert)]
+            shapes = [(f"{prefix}.w1.weight", (hidden, d), expert)]
+            shapes += [(f"{prefix}.w3.weight", (hidden, d), expert)] if gated else []
+            return shapes + [(f"{prefix}.w2.weight", (d, hidden), expert)]
         shapes = [(f"{prefix}.w1", (stacked, d, hidden), expert), (f"{prefix}.w2", (stacked, hidden, d), expert)]
         return shapes + ([(f"{prefix}.w3", (stacked, d, hidden), expert)] if gated else [])
 
-    out = [("embed.weight", (arch.vocab, d), False)]
+    out: list[tuple[str, tuple[int, ...], bool]] = [("embed.weight", (arch.vocab, d), False)]
     for i in range(arch.layers):
         b = f"blocks.{i}"
         out += [(f"{b}.attn_norm.weight", (d,), False), (f"{b}.attn.q.weight", (h * hd, d), False),

@@ -218,6 +218,7 @@ class MoEStrategy(StrategyCheckpoints):
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
+        assert module is not None
         if not getattr(module, _SHARDED_BY_US, False):
             self.precision_plugin.convert_module(module)  # before sharding: RouterPrecision keeps routers float32
             fsdp.shard_model(module, self.world_mesh, self.device_mesh["data"])

@@ -23,6 +23,7 @@ local squared norms gives the norm of the whole model.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -170,7 +171,7 @@ def shard_model(module: nn.Module, world_mesh, data_mesh, reshard_after_forward:
     dense = {"shard_placement_fn": lambda p: Shard(dense_shard_dim(tuple(p.shape), world)), **kwargs}
     units: list[str] = []
     for path, layer in find_moe_layers(module):
-        bank = layer.experts
+        bank: Any = layer.experts
         prefix = f"{path}.experts" if path else "experts"
         if is_sharded(bank) or any(is_dtensor(p) for p in bank.parameters()):
             if layer.expert_dispatcher is not None:
@@ -221,7 +222,7 @@ def reshard(module: nn.Module) -> None:
     """Free every unit's unsharded parameters (the root keeps them after a forward without backward)."""
     for sub in module.modules():
         if is_sharded(sub):
-            sub.reshard()
+            sub.reshard()  # type: ignore[operator]
 
 
 @torch.no_grad()
@@ -242,7 +243,7 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float, device: torch.dev
     replicated = torch.zeros((), device=device)
     grads = []
     for p in params:
-        g = p.grad
+        g: Any = p.grad
         if g is None:
             continue
         grads.append(g)

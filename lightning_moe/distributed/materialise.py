@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -54,8 +55,8 @@ def _init_on_full_copies(module: nn.Module, recurse: bool, init: Callable[[], No
     from torch.distributed.tensor import distribute_tensor
 
     owners = module.modules() if recurse else [module]
-    swapped = [(owner, name, p) for owner in owners for name, p in owner.named_parameters(recurse=False)
-               if _is_dtensor(p)]
+    swapped: list[tuple[nn.Module, str, Any]] = [(owner, name, p) for owner in owners
+                                                 for name, p in owner.named_parameters(recurse=False) if _is_dtensor(p)]
     temps = []
     for owner, name, p in swapped:
         full = torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)
@@ -112,15 +113,15 @@ def materialise(model: nn.Module, seed: int = 0, device: torch.device | str = "c
             continue  # inside an expert bank: seeded by global expert id with the bank
         if isinstance(module, (GroupedExperts, TemplateExperts)):
             banks.append(f"{name}.")
-            bank = module
+            bank: Any = module
 
-            def reset_bank(bank: nn.Module = bank, name: str = name) -> None:
+            def reset_bank(bank: Any = bank, name: str = name) -> None:
                 bank.reset_parameters(seed=seed_for(seed, name))
 
             _init_on_full_copies(bank, True, reset_bank)
             covered |= {id(p) for p in bank.parameters()}
         elif callable(getattr(module, "reset_parameters", None)):
-            def reset(module: nn.Module = module, name: str = name) -> None:
+            def reset(module: Any = module, name: str = name) -> None:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed_for(seed, name))
                     module.reset_parameters()

@@ -49,6 +49,13 @@ class StrategyCheckpoints(StrategyMeshes):
     def _layout(self) -> ShardLayout:
         raise NotImplementedError
 
+    @property
+    def _set_up_module(self) -> Any:
+        """The LightningModule (set up: never None here)."""
+        module = self.lightning_module
+        assert module is not None
+        return module
+
     def _shrink_to_saved(self, shapes: Mapping[str, Any]) -> None:
         # A checkpoint written after ExpertPruning holds fewer experts: shrink (and re-shard) those layers
         # before reading their slices, with the optimizers following the new parameters; then re-wrap DDP.
@@ -67,7 +74,7 @@ class StrategyCheckpoints(StrategyMeshes):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        module = self.lightning_module
+        module = self._set_up_module
         if self._data_parallel == "fsdp":
             fsdp.reshard(module)
             return fsdp_checkpoint.model_state(module, self._layout(), self.device_mesh)
@@ -85,15 +92,15 @@ class StrategyCheckpoints(StrategyMeshes):
         optimizer = unwrap_optimizer(optimizer)
         layout = self._layout()
         if self._data_parallel == "fsdp":
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
+            olayout = OptimizerLayout(optimizer, self._set_up_module, layout)
             return fsdp_checkpoint.optimizer_state(optimizer, olayout, self.device_mesh)
         if self._checkpoint == "sharded":
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
+            olayout = OptimizerLayout(optimizer, self._set_up_module, layout)
             return sharded_checkpoint.sharded_optimizer_state(optimizer, olayout, self._device_mesh)
         if id(optimizer) in self._released_layouts:  # saved after fit: the optimizer holds fit's expert shards
             olayout = self._released_layouts[id(optimizer)]
         elif layout.shards:
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
+            olayout = OptimizerLayout(optimizer, self._set_up_module, layout)
         else:
             return optimizer.state_dict()
         group, member, is_dst = self._gather_args()
@@ -133,21 +140,21 @@ class StrategyCheckpoints(StrategyMeshes):
         if weights_only is None:  # Lightning drops the user's value for strategies that restore after setup
             weights_only = _compat.running_weights_only()
         path = Path(self.broadcast(str(checkpoint_path)))
-        module = self.lightning_module
         if self._data_parallel == "fsdp":
             if not sharded_checkpoint.is_sharded_checkpoint(path):
                 raise ValueError(f"{type(self).__name__}(data_parallel='fsdp'): {str(path)!r} is not a DCP checkpoint "
                                  "directory; resume a full file under data_parallel='ddp' (or load its weights in "
                                  "on_load_checkpoint)")
             optimizers = [unwrap_optimizer(o) for o in self.optimizers]
-            return fsdp_checkpoint.load(path, module, optimizers, self._layout(), self.device_mesh, weights_only)
+            return fsdp_checkpoint.load(path, self._set_up_module, optimizers, self._layout(), self.device_mesh,
+                                        weights_only)
         if not sharded_checkpoint.is_sharded_checkpoint(path):
             if type(self.checkpoint_io) is TorchCheckpointIO and path.is_file():
                 # NOTE: mapped, not read: each rank copies only its slices (its experts) out of the file.
                 return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
             return super().load_checkpoint(path, weights_only=weights_only)
         self._shrink_to_saved(sharded_checkpoint.saved_model_shapes(path))
-        layout = self._layout()
+        module, layout = self._set_up_module, self._layout()
         olayouts = [OptimizerLayout(unwrap_optimizer(o), module, layout) for o in self.optimizers]
         return sharded_checkpoint.load_sharded(path, module.state_dict(), olayouts, layout, self._device_mesh,
                                                weights_only)
@@ -156,7 +163,7 @@ class StrategyCheckpoints(StrategyMeshes):
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         if self._data_parallel == "fsdp":
             return  # load_checkpoint read the shards in place
-        module = self.lightning_module
+        module = self._set_up_module
         self._shrink_to_saved({k: v.shape for k, v in checkpoint["state_dict"].items() if isinstance(v, Tensor)})
         state = local_model_state(checkpoint["state_dict"], module.state_dict(), self._layout())
         module.load_state_dict(state, strict=strict)
@@ -168,7 +175,7 @@ class StrategyCheckpoints(StrategyMeshes):
         layout = self._layout()
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             optimizer = unwrap_optimizer(optimizer)
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
+            olayout = OptimizerLayout(optimizer, self._set_up_module, layout)
             optimizer.load_state_dict(local_optimizer_state(saved, olayout))
             _compat.optimizer_to_device(optimizer, self.root_device)
 
