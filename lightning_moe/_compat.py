@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed._functional_collectives as funcol  # noqa: F401 (re-exported)
@@ -75,13 +76,18 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("torch", "_transformer_encoder_layer_fwd", _TORCH,
                 "upcycle.py: the fused encoder kernel that reads linear1/linear2 directly; "
                 "disable_fused_encoder_fast_path keeps upcycled layers away from it"),
+    PrivateName("torch.testing._internal.distributed.fake_pg", "FakeStore", _TORCH,
+                "distributed/fake.py: torch's fake process group, one rank of a 10,000-rank job in one process "
+                "(examples/trillion_plan.py; what torchtitan's dry runs use)"),
     # Lightning
+    PrivateName("lightning.pytorch.strategies", "DDPStrategy._reset_optimizers_and_schedulers", _LIGHTNING,
+                "strategy.py: a new fit of an FSDP-sharded model makes new optimizers over the same shards"),
     PrivateName("lightning.pytorch.strategies.launchers", "_SubprocessScriptLauncher", _LIGHTNING,
                 "distributed/launcher.py: the popen launcher the peer watchdog extends"),
     PrivateName("lightning.pytorch.strategies.launchers", "_SubprocessScriptLauncher._call_children_scripts",
                 _LIGHTNING, "distributed/launcher.py: tells the started ranks the launcher's pid (peer watchdog)"),
     PrivateName("lightning.pytorch.strategies", "DDPStrategy._configure_launcher", _LIGHTNING,
-                "strategy.py: installs the watched launcher (peer watchdog)"),
+                "distributed/strategy_meshes.py: installs the watched launcher (peer watchdog)"),
     PrivateName("lightning.fabric.utilities.optimizer", "_optimizer_to_device", _LIGHTNING,
                 "strategy.py: optimizer state moved to the device after a sharded load"),
     PrivateName("lightning.fabric.utilities.types", "_PATH", _LIGHTNING,
@@ -123,6 +129,13 @@ def set_ddp_ignored_names(module: nn.Module, names: Sequence[str]) -> None:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(names))
 
 
+def fake_store() -> Any:
+    """A ``FakeStore`` for ``init_process_group("fake", ...)`` (importing it registers the fake backend)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    return FakeStore()
+
+
 # -- Lightning --------------------------------------------------------------------------------------
 
 _TRAINER_RUN_CODE = Trainer._run.__code__
@@ -142,6 +155,11 @@ def running_weights_only() -> bool | None:
     return None
 
 
+def reset_optimizers(strategy: Any) -> None:
+    """Forget a strategy's optimizers and schedulers (``setup_optimizers`` then makes new ones)."""
+    strategy._reset_optimizers_and_schedulers()
+
+
 SubprocessScriptLauncher = _SubprocessScriptLauncher
 optimizer_to_device = _optimizer_to_device
 PATH = _PATH
@@ -156,10 +174,12 @@ __all__ = [
     "TORCH_CHECKED",
     "ddp_ignored_names",
     "disable_fused_encoder_fast_path",
+    "fake_store",
     "flatten_dense_tensors",
     "funcol",
     "grouped_mm",
     "optimizer_to_device",
+    "reset_optimizers",
     "running_weights_only",
     "set_ddp_ignored_names",
     "unflatten_dense_tensors",
