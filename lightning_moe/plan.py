@@ -31,6 +31,7 @@ from lightning_moe.architecture import (
     count_params,
     tensor_shapes,
 )
+from lightning_moe.plan_sharding import fsdp_shard_numel, unit_sizes
 
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 SHARDINGS = ("replicated", "full", "fsdp")
@@ -130,33 +131,6 @@ def check_layout(arch: Architecture, layout: Layout) -> int:
 
 
 
-def _fsdp_dim(shape: tuple[int, ...], world: int) -> int:
-    return 1 if len(shape) > 1 and shape[0] < world and shape[1] % world == 0 else 0
-
-
-def fsdp_shard_numel(shape: tuple[int, ...], world: int, rank: int) -> int:
-    """Elements of a tensor of ``shape`` that FSDP2 leaves on ``rank`` of ``world`` (a non-expert tensor).
-
-    The strategy's rule (:mod:`lightning_moe.distributed.fsdp`): dim 0, or dim 1 when dim 0 has fewer rows than
-    ranks and dim 1 divides evenly (a stacked shared expert ``[1, D, H]``); ``torch.chunk`` semantics, so rank
-    ``r`` holds rows ``[r*c, (r+1)*c)`` of ``c = ceil(n / world)`` (none past the end).
-
-    Example:
-        >>> fsdp_shard_numel((10, 3), world=4, rank=0), fsdp_shard_numel((10, 3), world=4, rank=3)
-        (9, 3)
-    """
-    if not shape:
-        return 1 if rank == 0 else 0
-    dim = _fsdp_dim(shape, world)
-    n = shape[dim]
-    chunk = -(-n // world)
-    rows = max(0, min(chunk, n - rank * chunk))
-    rest = 1
-    for i, size in enumerate(shape):
-        rest *= size if i != dim else 1
-    return rows * rest
-
-
 @dataclass(frozen=True)
 class RankParams:
     """Exact parameter counts of one rank (by default rank 0, the largest when a shard does not divide evenly).
@@ -248,24 +222,7 @@ def gather_bytes(arch: Architecture, layout: Layout) -> int:
     """
     if layout.dense_sharding != "fsdp":
         return 0
-    local, gpus = arch.experts // layout.ep, layout.gpus
-    sizes: dict[str, list[int]] = {}  # unit -> [numel, numel of its padded storage]
-    for name, shape, routed in tensor_shapes(arch):
-        unit = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else ""
-        numel = 1
-        for size in shape[1:]:
-            numel *= size
-        if routed:  # this rank's experts, sharded evenly over dp
-            numel, padded = numel * local, numel * local
-        elif shape and _fsdp_dim(shape, gpus) == 0:
-            padded = numel * gpus * -(-shape[0] // gpus)
-            numel *= shape[0]
-        else:  # sharded evenly on dim 1
-            numel *= shape[0] if shape else 1
-            padded = numel
-        totals = sizes.setdefault(unit, [0, 0])
-        totals[0] += numel
-        totals[1] += padded
+    sizes = unit_sizes(arch, layout.ep, layout.gpus)
     w, g = DTYPE_BYTES[layout.weight_dtype], DTYPE_BYTES[layout.grad_dtype]
     root, root_p = sizes[""]
     blocks = [sizes[f"blocks.{i}"] for i in range(arch.layers)]
