@@ -81,6 +81,17 @@ def test_moe_fsdp_is_registered():
     assert StrategyRegistry["moe_fsdp"]["init_params"] == {"data_parallel": "fsdp"}
 
 
+@pytest.mark.distributed
+def test_two_ranks_with_default_balancing_losses_equal_one_process(tmp_path):
+    # Issue 16 under FSDP2: the default aux/z coefficients with aux_loss_scope="global" (counts summed over
+    # the world by the strategy's count reduction) give the single-process model on the global batch.
+    reference = reference_train(**TRAIN, aux_losses=True).state_dict()
+    _fit(tmp_path, devices=2, ep=2, aux_losses=True)
+    full = consolidate_checkpoint(tmp_path / "final", tmp_path / "final.ckpt")
+    assert _max_diff(full["state_dict"], reference) < TOL
+    assert _max_diff(reference_train(**TRAIN).state_dict(), reference) > 1e-4  # the losses changed the model
+
+
 # -- 2 ranks -------------------------------------------------------------------------------------------------
 
 

@@ -28,16 +28,17 @@ class AdamWModel(Model):
 
 
 def reference_train(steps: int = STEPS, accumulate: int = 1, clip: float | None = None, lr: float = 0.01,
-                    resume_at: int | None = None) -> AdamWModel:
+                    resume_at: int | None = None, aux_losses: bool = False) -> AdamWModel:
     """Single-process AdamW on the global batches (what every FSDP run must reproduce)."""
-    model = AdamWModel(lr=lr, steps=steps, accumulate=accumulate)
+    model = AdamWModel(lr=lr, steps=steps, accumulate=accumulate, aux_losses=aux_losses)
     opt = model.configure_optimizers()
     x, y = make_data(steps * accumulate)
     for step in range(steps):
         opt.zero_grad()
         for m in range(accumulate):
             rows = slice((step * accumulate + m) * GLOBAL_BATCH, (step * accumulate + m + 1) * GLOBAL_BATCH)
-            loss = nn.functional.mse_loss(model(x[rows]), y[rows]) / accumulate
+            loss = nn.functional.mse_loss(model(x[rows]), y[rows])
+            loss = (loss + model.net.aux_loss() if aux_losses else loss) / accumulate
             loss.backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

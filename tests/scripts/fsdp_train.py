@@ -49,7 +49,7 @@ def local_numel(params) -> int:
 
 def fit(params: dict) -> None:
     steps, acc = params.get("steps", 5), params.get("accumulate", 1)
-    model = AdamWModel(lr=0.01, steps=steps, accumulate=acc)
+    model = AdamWModel(lr=0.01, steps=steps, accumulate=acc, aux_losses=params.get("aux_losses", False))
     callbacks: list = [lmoe.callbacks.RouterPrecision()] if params.get("router_precision") else []
     if params.get("every"):
         callbacks.append(ModelCheckpoint(dirpath=out_dir(), filename="step{step}", every_n_train_steps=params["every"],
