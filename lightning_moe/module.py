@@ -265,28 +265,28 @@ class MoELightningModule(LightningModule):
     @torch.no_grad()
     def _moe_log(self, ran: list[MoE]) -> None:
         """Log the routing stats of the layers that ran: a few stacked tensor ops, no host sync."""
-        aux_L = torch.stack([layer.aux_loss.detach().float() for layer in ran])
-        z_L = torch.stack([layer.z_loss.detach().float() for layer in ran])
-        dropped_L = torch.stack([layer.dropped_tokens for layer in ran]).float()
-        assignments_L = torch.stack([layer.assignments for layer in ran]).float()
-        entropy_L = torch.stack([layer.router_entropy.float() for layer in ran])
+        aux_Y = torch.stack([layer.aux_loss.detach().float() for layer in ran])
+        z_Y = torch.stack([layer.z_loss.detach().float() for layer in ran])
+        dropped_Y = torch.stack([layer.dropped_tokens for layer in ran]).float()
+        assignments_Y = torch.stack([layer.assignments for layer in ran]).float()
+        entropy_Y = torch.stack([layer.router_entropy.float() for layer in ran])
         if len({layer.num_experts for layer in ran}) == 1:
-            imbalance_L = load_imbalance(torch.stack([layer.tokens_per_expert for layer in ran]).float())
+            imbalance_Y = load_imbalance(torch.stack([layer.tokens_per_expert for layer in ran]).float())
         else:
-            imbalance_L = torch.stack([load_imbalance(layer.tokens_per_expert.float()) for layer in ran])
+            imbalance_Y = torch.stack([load_imbalance(layer.tokens_per_expert.float()) for layer in ran])
         totals = {
-            "aux_loss": aux_L.sum(),
-            "z_loss": z_L.sum(),
-            "dropped_fraction": dropped_L.sum() / assignments_L.sum().clamp_min(1),
-            "load_imbalance": imbalance_L.max(),
-            "routing_entropy": entropy_L.mean(),
+            "aux_loss": aux_Y.sum(),
+            "z_loss": z_Y.sum(),
+            "dropped_fraction": dropped_Y.sum() / assignments_Y.sum().clamp_min(1),
+            "load_imbalance": imbalance_Y.max(),
+            "routing_entropy": entropy_Y.mean(),
         }
         for stat, value in totals.items():
             self._moe_log_value(f"moe/{stat}", value)
         if not self.log_per_layer:
             return
-        per_layer = {"aux_loss": aux_L, "z_loss": z_L, "dropped_fraction": dropped_L / assignments_L.clamp_min(1),
-                     "load_imbalance": imbalance_L, "routing_entropy": entropy_L}
+        per_layer = {"aux_loss": aux_Y, "z_loss": z_Y, "dropped_fraction": dropped_Y / assignments_Y.clamp_min(1),
+                     "load_imbalance": imbalance_Y, "routing_entropy": entropy_Y}
         index = {id(layer): i for i, (_, layer) in enumerate(self._moe_step_layers)}
         # NOTE: each self.log call costs ~0.2-0.5 ms of Python: per-layer values are step values only.
         for j, layer in enumerate(ran):

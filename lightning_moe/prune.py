@@ -10,7 +10,7 @@ its own (``examples/compress_experts.py``):
 * :func:`remap_optimizers` points optimizers at the new parameters, keeping the state of kept rows;
 * :func:`hidden_unit_mask` is the per-expert hidden-neuron mask of structured magnitude pruning.
 
-Shape legend: E experts (global), K kept experts, L kept experts held by this rank, D model width,
+Shape legend: E experts (global), J kept experts, L of them held by this rank, D model width,
 H expert hidden width.
 """
 
@@ -53,7 +53,7 @@ def choose_experts(
         multiple_of: the expert-parallel size.
 
     Returns:
-        ``(keep_K sorted ascending, notes)``; notes say when the count was raised.
+        ``(keep_J sorted ascending, notes)``; notes say when the count was raised.
     """
     num_experts = counts_E.numel()
     counts_E = counts_E.detach().double().cpu()
@@ -80,8 +80,8 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> Remap:
 
     Router rows (``gate.weight``, ``expert_bias``), expert weights (every tensor of a stacked bank
     whose first dim is the expert, pruning masks and compressed banks included, or the modules of
-    :class:`TemplateExperts`) and the layer's stat buffers shrink to ``K`` experts, renumbered
-    ``0..K-1`` in their old order. ``top_k`` is clamped to ``K`` with a warning.
+    :class:`TemplateExperts`) and the layer's stat buffers shrink to ``J`` experts, renumbered
+    ``0..J-1`` in their old order. ``top_k`` is clamped to ``J`` with a warning.
 
     Args:
         layer: an unsharded MoE layer (``layer.experts`` holds every expert).
@@ -98,23 +98,23 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> Remap:
     if bank.num_experts != layer.num_experts:
         raise ValueError(f"ExpertPruning: layer {name} holds {bank.num_experts} of its {layer.num_experts} experts "
                          "(sharded by expert parallelism); prune with expert_parallel_size=1")
-    keep_K = torch.as_tensor(keep_E, dtype=torch.long).flatten().unique(sorted=True).cpu()
-    if keep_K.numel() == 0 or int(keep_K.min()) < 0 or int(keep_K.max()) >= layer.num_experts:
-        raise ValueError(f"ExpertPruning: keep={keep_K.tolist()} must be non-empty expert ids of layer {name} "
+    keep_J = torch.as_tensor(keep_E, dtype=torch.long).flatten().unique(sorted=True).cpu()
+    if keep_J.numel() == 0 or int(keep_J.min()) < 0 or int(keep_J.max()) >= layer.num_experts:
+        raise ValueError(f"ExpertPruning: keep={keep_J.tolist()} must be non-empty expert ids of layer {name} "
                          f"(0..{layer.num_experts - 1})")
-    old_e, k = layer.num_experts, keep_K.numel()
+    old_e, k = layer.num_experts, keep_J.numel()
     remap: Remap = {}
 
     def shrink_param(module: nn.Module, attr: str) -> None:
         old = getattr(module, attr)
-        rows = keep_K.to(old.device)
+        rows = keep_J.to(old.device)
         new = nn.Parameter(old.detach().index_select(0, rows).clone(), requires_grad=old.requires_grad)
         setattr(module, attr, new)
         remap[id(old)] = (old, new, rows)
 
     def shrink_buffer(module: nn.Module, attr: str) -> None:
         old = getattr(module, attr)
-        setattr(module, attr, old.index_select(0, keep_K.to(old.device)).clone())
+        setattr(module, attr, old.index_select(0, keep_J.to(old.device)).clone())
 
     # 1. Router: one gate row (and bias entry) per expert.
     router = layer.router
@@ -126,11 +126,11 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> Remap:
 
     # 2. Experts: every per-expert tensor, or the per-expert modules.
     if isinstance(bank, TemplateExperts):
-        kept = set(keep_K.tolist())
+        kept = set(keep_J.tolist())
         for e, module in enumerate(bank.experts):
             if e not in kept:
                 remap.update({id(p): (p, None, None) for p in module.parameters()})
-        bank.experts = nn.ModuleList(bank.experts[e] for e in keep_K.tolist())
+        bank.experts = nn.ModuleList(bank.experts[e] for e in keep_J.tolist())
     else:
         for attr, p in list(bank.named_parameters(recurse=False)):
             if p.dim() and p.shape[0] == old_e:
@@ -146,8 +146,8 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> Remap:
     for attr in ("tokens_per_expert", "global_tokens_per_expert"):
         shrink_buffer(layer, attr)
     held = getattr(layer, KEPT_BUFFER, None)
-    original_K = keep_K if held is None else held.index_select(0, keep_K.to(held.device)).cpu()
-    layer.register_buffer(KEPT_BUFFER, original_K.to(layer.tokens_per_expert.device).clone())
+    original_J = keep_J if held is None else held.index_select(0, keep_J.to(held.device)).cpu()
+    layer.register_buffer(KEPT_BUFFER, original_J.to(layer.tokens_per_expert.device).clone())
     if layer.top_k > k:
         rank_zero_warn(f"ExpertPruning: layer {name} keeps {k} experts < top_k={layer.top_k}; top_k is now {k}")
         layer.top_k = k
@@ -161,7 +161,7 @@ def remove_sharded_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Se
     """:func:`remove_experts` for a layer sharded by expert parallelism (collective over its EP group).
 
     Gathers the experts (and their optimizer state) of the EP group, removes experts from the full
-    layer, and shards it again over the same group (``K`` must be a multiple of its size). Every
+    layer, and shards it again over the same group (``J`` must be a multiple of its size). Every
     rank of the group must call it with the same ``keep_E``, for its layers in the same order.
 
     Args:
@@ -205,16 +205,16 @@ def remove_sharded_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Se
     bank.num_experts, bank.expert_offset = shard.num_experts, 0
     layer.expert_dispatcher = None
     remap = remove_experts(layer, keep_E)
-    keep_K = torch.as_tensor(keep_E, dtype=torch.long).flatten().unique(sorted=True)
-    if keep_K.numel() % shard.ep_size:
-        raise ValueError(f"ExpertPruning: layer {path!r} keeps {keep_K.numel()} experts, not a multiple of its "
+    keep_J = torch.as_tensor(keep_E, dtype=torch.long).flatten().unique(sorted=True)
+    if keep_J.numel() % shard.ep_size:
+        raise ValueError(f"ExpertPruning: layer {path!r} keeps {keep_J.numel()} experts, not a multiple of its "
                          f"expert_parallel_size={shard.ep_size}; keep a multiple of it")
-    new_shard = dataclasses.replace(shard, num_experts=keep_K.numel())
+    new_shard = dataclasses.replace(shard, num_experts=keep_J.numel())
     lo, hi = new_shard.offset, new_shard.offset + new_shard.num_local
     _replace_rows(bank, new_shard.num_experts, lambda t: t[lo:hi].clone())
     bank.num_experts, bank.expert_offset = new_shard.num_local, lo
     layer.expert_dispatcher = ExpertParallelDispatcher(new_shard, group)
-    rows_L = keep_K[new_shard.offset:new_shard.offset + new_shard.num_local]
+    rows_L = keep_J[new_shard.offset:new_shard.offset + new_shard.num_local]
     for attr, old in old_params.items():
         if attr in full_state:
             optimizer, state, gathered = full_state[attr]
@@ -248,7 +248,7 @@ def prune_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Sequence[to
 
 
 def saved_expert_counts(shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """Experts of every pruned layer in a saved state: ``{layer path: K}`` from the ``kept_experts`` entries.
+    """Experts of every pruned layer in a saved state: ``{layer path: J}`` from the ``kept_experts`` entries.
 
     Args:
         shapes: name -> shape of every tensor of a saved model state (a state dict's tensors' shapes,
@@ -264,13 +264,13 @@ def shrink_to_saved(module: nn.Module, counts: Mapping[str, int], optimizers: Se
     """Before loading a state saved after expert pruning: shrink each layer to the saved number of experts.
 
     Every value of the shrunk layer (router rows, experts, ``expert_bias``, ``kept_experts``) is then
-    overwritten by the load, so the layer keeps its first ``K`` experts. Sharded layers are gathered
+    overwritten by the load, so the layer keeps its first ``J`` experts. Sharded layers are gathered
     and sharded again (a collective over their group, as :func:`prune_experts`); optimizers follow
     the new parameters (their state comes from the checkpoint too).
 
     Args:
         module: the model about to load the state.
-        counts: ``{layer path: K}`` (:func:`saved_expert_counts`).
+        counts: ``{layer path: J}`` (:func:`saved_expert_counts`).
         optimizers: optimizers over ``module``'s parameters.
 
     Returns:

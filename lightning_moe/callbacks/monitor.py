@@ -5,7 +5,7 @@ Between renders it only adds the counts the layers already keep (``tokens_per_ex
 path. A render sums the accumulators over processes (one all-reduce), draws on rank 0 with
 matplotlib (Agg canvas, no display) and sends the picture to the trainer's loggers.
 
-Shape legend: L MoE layers, E experts.
+Shape legend (the package's, see :mod:`lightning_moe.nn`): Y MoE layers, E experts.
 """
 
 from __future__ import annotations
@@ -163,11 +163,11 @@ class ExpertLoadMonitor(Callback):
         self._last_step = step
         if not trainer.is_global_zero:
             return
-        counts_L = [c.cpu() for c in state[: sum(sizes)].split(sizes)]
-        dropped_L = state[sum(sizes): sum(sizes) + len(layers)].cpu()
-        assignments_L = state[sum(sizes) + len(layers):].cpu()
+        counts_Y = [c.cpu() for c in state[: sum(sizes)].split(sizes)]
+        dropped_Y = state[sum(sizes): sum(sizes) + len(layers)].cpu()
+        assignments_Y = state[sum(sizes) + len(layers):].cpu()
         image = self.render(
-            [name for name, _ in layers], counts_L, dropped_L.double() / assignments_L.clamp_min(1).double(), step
+            [name for name, _ in layers], counts_Y, dropped_Y.double() / assignments_Y.clamp_min(1).double(), step
         )
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -199,21 +199,21 @@ class ExpertLoadMonitor(Callback):
         from matplotlib.figure import Figure
 
         num_layers, max_experts = len(counts), max(int(c.numel()) for c in counts)
-        share_LE = np.full((num_layers, max_experts), np.nan)
+        share_YE = np.full((num_layers, max_experts), np.nan)
         for i, c in enumerate(counts):  # once per render, not per step
             c = c.double()
-            share_LE[i, : c.numel()] = (c / c.sum().clamp_min(1)).numpy()
+            share_YE[i, : c.numel()] = (c / c.sum().clamp_min(1)).numpy()
         figsize = self.figsize or (min(5.0 + 0.4 * max_experts, 24.0), min(2.0 + 0.4 * num_layers, 24.0))
         fig = Figure(figsize=figsize, dpi=self.dpi, layout="constrained")
         canvas = FigureCanvasAgg(fig)
         ax, side = fig.subplots(1, 2, sharey=True, width_ratios=(4, 1))
-        heat = ax.imshow(share_LE, aspect="auto", cmap=self.cmap, vmin=0.0, interpolation="nearest")
+        heat = ax.imshow(share_YE, aspect="auto", cmap=self.cmap, vmin=0.0, interpolation="nearest")
         ax.set_yticks(range(num_layers), labels=[n[-24:] for n in names], fontsize=7)
         ax.set_xlabel("expert", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.set_title(f"share of tokens per expert, step {step}", fontsize=9)
         if max_experts * num_layers <= 128:  # numbers in the cells while they fit
-            for (i, e), share in np.ndenumerate(share_LE):
+            for (i, e), share in np.ndenumerate(share_YE):
                 if not np.isnan(share):
                     ax.text(e, i, f"{100 * share:.0f}", ha="center", va="center", fontsize=6, color="w")
         fig.colorbar(heat, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=7)

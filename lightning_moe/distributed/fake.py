@@ -15,8 +15,8 @@ And one thing a real backend does to memory must be done by hand: it writes ever
 the fake one none, so untouched pages would never count in the RSS. :class:`WrittenAllGather` (FSDP2's
 ``set_custom_all_gather``) allocates FSDP's all-gather buffers zeroed, as written.
 
-Shape legend (the package's): M rows this rank sends, R rows it receives, D model width, P EP group size,
-L local experts, S source ranks.
+Shape legend (the package's): M rows this rank sends, R rows it receives, D model width, P EP group size (also
+the source ranks), L local experts.
 """
 
 from __future__ import annotations
