@@ -12,6 +12,7 @@ update the ``checked`` versions.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import torch.distributed._functional_collectives as funcol  # noqa: F401 (re-exp
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.trainer import Trainer
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
@@ -61,6 +63,8 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
                 "distributed/all_to_all.py: the differentiable token exchange of expert parallelism"),
     PrivateName("torch.distributed._functional_collectives", "wait_tensor", _TORCH,
                 "distributed/all_to_all.py: waits for the token exchange"),
+    PrivateName("torch.distributed._functional_collectives", "all_reduce", _TORCH,
+                "distributed/count_reduction.py: the asynchronous count sum of the global balancing loss"),
     PrivateName("torch", "_grouped_mm", _TORCH,
                 "nn/experts.py: the CUDA grouped GEMM of GroupedExperts (the per-expert loop is the fallback)"),
     PrivateName("torch._C._autograd", "_make_saved_tensor", _TORCH,
@@ -75,17 +79,25 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("torch", "_transformer_encoder_layer_fwd", _TORCH,
                 "upcycle.py: the fused encoder kernel that reads linear1/linear2 directly; "
                 "disable_fused_encoder_fast_path keeps upcycled layers away from it"),
+    PrivateName("torch.testing._internal.distributed.fake_pg", "FakeStore", _TORCH,
+                "distributed/fake.py: torch's fake process group, one rank of a 10,000-rank job in one process "
+                "(examples/trillion_plan.py; what torchtitan's dry runs use)"),
     # Lightning
+    PrivateName("lightning.pytorch.strategies", "DDPStrategy._reset_optimizers_and_schedulers", _LIGHTNING,
+                "strategy.py: a new fit of an FSDP-sharded model makes new optimizers over the same shards"),
     PrivateName("lightning.pytorch.strategies.launchers", "_SubprocessScriptLauncher", _LIGHTNING,
                 "distributed/launcher.py: the popen launcher the peer watchdog extends"),
     PrivateName("lightning.pytorch.strategies.launchers", "_SubprocessScriptLauncher._call_children_scripts",
                 _LIGHTNING, "distributed/launcher.py: tells the started ranks the launcher's pid (peer watchdog)"),
     PrivateName("lightning.pytorch.strategies", "DDPStrategy._configure_launcher", _LIGHTNING,
-                "strategy.py: installs the watched launcher (peer watchdog)"),
+                "distributed/strategy_meshes.py: installs the watched launcher (peer watchdog)"),
     PrivateName("lightning.fabric.utilities.optimizer", "_optimizer_to_device", _LIGHTNING,
                 "strategy.py: optimizer state moved to the device after a sharded load"),
     PrivateName("lightning.fabric.utilities.types", "_PATH", _LIGHTNING,
                 "strategy.py: checkpoint path type of Strategy.save_checkpoint/load_checkpoint"),
+    PrivateName("lightning.pytorch.trainer.trainer", "Trainer._run", _LIGHTNING,
+                "strategy.py: the weights_only a user gave fit/validate/test/predict, which Trainer._run does "
+                "not pass on to strategies that restore after setup (running_weights_only)"),
 )
 
 # -- torch ------------------------------------------------------------------------------------------
@@ -131,7 +143,36 @@ def set_ddp_ignored_names(module: nn.Module, names: Sequence[str]) -> None:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(names))
 
 
+def fake_store() -> Any:
+    """A ``FakeStore`` for ``init_process_group("fake", ...)`` (importing it registers the fake backend)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    return FakeStore()
+
+
 # -- Lightning --------------------------------------------------------------------------------------
+
+_TRAINER_RUN_CODE = Trainer._run.__code__
+
+
+def running_weights_only() -> bool | None:
+    """The ``weights_only`` given to the running ``Trainer.fit/validate/test/predict`` (None outside one).
+
+    Lightning 2.6's ``Trainer._run`` passes it to the checkpoint connector only for strategies that
+    restore before setup; ``MoEStrategy`` restores after setup and reads it from ``_run``'s frame.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code is _TRAINER_RUN_CODE:
+            return frame.f_locals.get("weights_only")
+        frame = frame.f_back
+    return None
+
+
+def reset_optimizers(strategy: Any) -> None:
+    """Forget a strategy's optimizers and schedulers (``setup_optimizers`` then makes new ones)."""
+    strategy._reset_optimizers_and_schedulers()
+
 
 SubprocessScriptLauncher = _SubprocessScriptLauncher
 optimizer_to_device = _optimizer_to_device
@@ -147,11 +188,14 @@ __all__ = [
     "TORCH_CHECKED",
     "ddp_ignored_names",
     "disable_fused_encoder_fast_path",
+    "fake_store",
     "flatten_dense_tensors",
     "funcol",
     "grouped_mm",
     "make_saved_tensor",
     "optimizer_to_device",
+    "reset_optimizers",
+    "running_weights_only",
     "set_ddp_ignored_names",
     "unflatten_dense_tensors",
     "weight_int8pack_mm",

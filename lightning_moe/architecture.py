@@ -225,6 +225,52 @@ def count_params(arch: Architecture) -> ParamCounts:
 
 
 
+def tensor_shapes(arch: Architecture) -> list[tuple[str, tuple[int, ...], bool]]:
+    """``(name, shape, routed_expert)`` of every parameter tensor of :class:`~lightning_moe.models.Transformer`.
+
+    Names are the model's ``named_parameters``; routed-expert tensors are the stacked ``[experts, ...]`` banks.
+    The per-tensor view the capacity planner needs for per-tensor (FSDP2) sharding; it sums to
+    :func:`count_params`.
+
+    Raises:
+        ValueError: For what the transformer does not build (MLA, qk-norm, biases, tied embeddings are fine).
+    """
+    if arch.mla or arch.qk_norm or arch.bias:
+        raise ValueError("tensor_shapes: MLA, qk_norm and bias are counted by count_params but not built as "
+                         "tensors; use count_params, or an Architecture without them")
+    (h, kv, hd, vd), d = arch.attention_dims, arch.dim
+
+    def ffn(prefix: str, hidden: int, activation: str, stacked: int | None,
+            expert: bool) -> list[tuple[str, tuple[int, ...], bool]]:
+        gated = activation in GATED_ACTIVATIONS
+        shapes: list[tuple[str, tuple[int, ...], bool]]
+        if stacked is None:  # DenseFFN: nn.Linear weights [out, in]
+            shapes = [(f"{prefix}.w1.weight", (hidden, d), expert)]
+            shapes += [(f"{prefix}.w3.weight", (hidden, d), expert)] if gated else []
+            return shapes + [(f"{prefix}.w2.weight", (d, hidden), expert)]
+        shapes = [(f"{prefix}.w1", (stacked, d, hidden), expert), (f"{prefix}.w2", (stacked, hidden, d), expert)]
+        return shapes + ([(f"{prefix}.w3", (stacked, d, hidden), expert)] if gated else [])
+
+    out: list[tuple[str, tuple[int, ...], bool]] = [("embed.weight", (arch.vocab, d), False)]
+    for i in range(arch.layers):
+        b = f"blocks.{i}"
+        out += [(f"{b}.attn_norm.weight", (d,), False), (f"{b}.attn.q.weight", (h * hd, d), False),
+                (f"{b}.attn.k.weight", (kv * hd, d), False), (f"{b}.attn.v.weight", (kv * vd, d), False),
+                (f"{b}.attn.o.weight", (d, h * vd), False), (f"{b}.ffn_norm.weight", (d,), False)]
+        if arch.is_moe_layer(i):
+            out.append((f"{b}.ffn.router.gate.weight", (arch.experts, d), False))
+            out += ffn(f"{b}.ffn.experts", arch.expert_hidden, arch.activation, arch.experts, True)
+            if arch.shared_experts:
+                out += ffn(f"{b}.ffn.shared_experts", arch.expert_hidden * arch.shared_experts, arch.activation, 1,
+                           False)
+        else:
+            out += ffn(f"{b}.ffn", arch.ffn_hidden, arch.dense_activation or arch.activation, None, False)
+    out.append(("norm.weight", (d,), False))
+    if not arch.tie_embeddings:
+        out.append(("head.weight", (arch.vocab, d), False))
+    return out
+
+
 _MLA: dict[str, Any] = {"q_lora_rank": 1536, "kv_lora_rank": 512, "rope_head_dim": 64, "head_dim": 128,
                         "v_head_dim": 128}
 _QWEN3: dict[str, Any] = {"kv_heads": 4, "head_dim": 128, "qk_norm": True}

@@ -25,13 +25,10 @@ Shape legend: B micro-batch, S sequence, V vocabulary.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import gc
 import statistics
 import time
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe.distributed.expert_parallel import ExpertShard, shard_moe_layer
+from lightning_moe.distributed.materialise import materialise, seed_for
 from lightning_moe.distributed.simulated import SimulatedExpertParallel
-from lightning_moe.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from lightning_moe.memory import mmap_large_allocations, peak_rss_bytes, reset_peak_rss, rss_bytes
 from lightning_moe.models.transformer import Transformer, build_model, num_params
-from lightning_moe.nn.experts import GroupedExperts
 from lightning_moe.nn.moe import find_moe_layers
 from lightning_moe.plan import Architecture, Layout, check_layout, params_per_rank, plan
 
@@ -109,18 +106,14 @@ def shard_for_rank(model: Transformer, rank: int, layout: Layout) -> list[Expert
     return shards
 
 
-def _seed(seed: int, name: str) -> int:
-    return zlib.crc32(f"{seed}/{name}".encode())
-
-
 @torch.no_grad()
 def materialise_rank(model: nn.Module, seed: int = 0, device: torch.device | str = "cpu") -> int:
     """Allocate ``model`` (built on meta, sharded or not) on ``device`` and initialise it deterministically.
 
-    Expert ``g`` of the expert bank at path ``p`` draws from ``(seed, p, g)`` (global id, through
-    ``GroupedExperts.reset_parameters(seed=...)``); every other module from ``(seed, its path)``; buffers
-    (routing stats, expert biases) start at zero as in a freshly built model. A rank's share therefore equals
-    the matching slice of the whole model materialised in one process.
+    The strategy's :func:`~lightning_moe.distributed.materialise.materialise`: expert ``g`` of the expert bank at
+    path ``p`` draws from ``(seed, p, g)`` (global id), every other module from ``(seed, its path)``; buffers
+    (routing stats, expert biases) start at zero as in a freshly built model. A rank's share therefore equals the
+    matching slice of the whole model materialised in one process.
 
     Args:
         model: The model on the meta device.
@@ -130,25 +123,7 @@ def materialise_rank(model: nn.Module, seed: int = 0, device: torch.device | str
     Returns:
         Number of parameters materialised.
     """
-    # to_empty gives every module a new Parameter on another device, untying shared ones (tied embeddings).
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        for name, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), []).append((module, name))
-    model.to_empty(device=device)
-    for (module, name), *others in owners.values():
-        for other, other_name in others:
-            setattr(other, other_name, getattr(module, name))
-    for name, module in model.named_modules():
-        if isinstance(module, GroupedExperts):
-            module.reset_parameters(seed=_seed(seed, name))
-        elif callable(getattr(module, "reset_parameters", None)):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_seed(seed, name))
-                module.reset_parameters()
-    for buffer in model.buffers():
-        buffer.zero_()
-    return num_params(model)
+    return materialise(model, seed, device)
 
 
 @dataclass(frozen=True)
@@ -273,13 +248,13 @@ def simulate_step(arch: Architecture, layout: Layout, rank: int = 0, steps: int 
     if num_params(model) != per_rank.materialised:
         raise AssertionError(f"simulate_step: rank holds {num_params(model):,} parameters on meta, planner says "
                              f"{per_rank.materialised:,}")
-    gen = torch.Generator().manual_seed(_seed(seed, f"data/{rank}"))
+    gen = torch.Generator().manual_seed(seed_for(seed, f"data/{rank}"))
     tokens = torch.randint(arch.vocab, (layout.micro_batch, layout.seq_len + 1), generator=gen)
     dispatchers = [layer.expert_dispatcher for _, layer in find_moe_layers(model)
                    if isinstance(layer.expert_dispatcher, SimulatedExpertParallel)]
 
     if exact_rss:
-        _mmap_large_allocations()
+        mmap_large_allocations()
     gc.collect()
     base = rss_bytes()
     reset_peak_rss()
@@ -333,10 +308,3 @@ def _count_saved_tensors(model: nn.Module, record: bool):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield saved
-
-
-def _mmap_large_allocations(threshold: int = 1 << 16) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not hasattr(libc, "mallopt") or libc.mallopt(-3, threshold) != 1:  # -3: M_MMAP_THRESHOLD
-        raise RuntimeError("simulate_step: exact_rss=True needs glibc's mallopt; pass exact_rss=False")
-

@@ -6,6 +6,8 @@ memory as the growth of peak RSS (``VmHWM``) over one step, after resetting the 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 
 
@@ -32,3 +34,17 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("VmHWM not found in /proc/self/status (peak memory needs Linux)")
+
+
+def mmap_large_allocations(threshold: int = 1 << 16) -> None:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own mapping, for the rest of the
+    process (``mallopt(M_MMAP_THRESHOLD)``): freed tensors then leave RSS at once and RSS follows live memory
+    (without it, freed activations stay in the heap and RSS over-reads, ~8% in the dry run). Large allocations
+    get a little slower: use it in a process of its own.
+
+    Raises:
+        RuntimeError: without glibc's ``mallopt``.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallopt") or libc.mallopt(-3, threshold) != 1:  # -3: M_MMAP_THRESHOLD
+        raise RuntimeError("mmap_large_allocations needs glibc's mallopt (Linux)")

@@ -19,7 +19,11 @@ How it hooks in (and why there):
 2. **Aux-loss-free balancing.** Each training_step adds the token counts of the layers with
    ``bias_update_rate > 0`` to a step accumulator (local, no collective). A step post-hook on the
    trainer's optimizers (``Optimizer.register_step_post_hook``) sums it over processes in ONE
-   all-reduce for all layers and calls ``layer.update_expert_bias``. A hook on the optimizer
+   all-reduce for all layers and calls ``layer.update_expert_bias``. The counts come from the same
+   place as the balancing loss's: a layer whose loss scope already summed its counts over every rank
+   (``reduced_over == world_size``, see :mod:`lightning_moe.nn.reduce`) gives its
+   ``global_tokens_per_expert``, which the hook does not sum again (no all-reduce at all when every
+   balanced layer did); otherwise its ``tokens_per_expert``, summed by the hook. A hook on the optimizer
    rather than on the LightningModule: it fires exactly when the parameters changed (after the last
    micro-batch under gradient accumulation; inside ``training_step`` under manual optimization),
    before callbacks' ``on_train_batch_end`` (a checkpoint saved there holds the updated bias), and
@@ -51,6 +55,7 @@ from torch import Tensor
 
 from lightning_moe.metrics import load_imbalance
 from lightning_moe.nn.moe import MoE, find_moe_layers
+from lightning_moe.nn.recompute import aux_loss_term
 
 _WRAPPED = "_lightning_moe_wrapped"
 _OWNER = "_lightning_moe_owner"  # set on optimizers: weakref to the module whose post-hook they carry
@@ -98,6 +103,7 @@ class MoELightningModule(LightningModule):
     _moe_seen: list[int] = []
     _moe_counts: Tensor | None = None
     _moe_count_layers: list[MoE] = []
+    _moe_count_reduced: list[bool | None] = []
 
     def __init__(self, *args: Any, log_per_layer: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -109,6 +115,7 @@ class MoELightningModule(LightningModule):
         self._moe_seen: list[int] = []  # ... when its counts were last added to the accumulator
         self._moe_counts: Tensor | None = None  # tokens per expert of balanced layers since the last step
         self._moe_count_layers: list[MoE] = []  # the layers _moe_counts holds, concatenated in this order
+        self._moe_count_reduced: list[bool | None] = []  # per layer: counts already summed over every rank
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -147,7 +154,7 @@ class MoELightningModule(LightningModule):
             layers = [layer for _, layer in self.moe_layers() if layer.forward_count]
         if not layers:
             return torch.zeros((), device=self.device)
-        return sum((layer.aux_loss for layer in layers[1:]), layers[0].aux_loss)
+        return _aux_sum(layers)
 
     # -- the training_step wrapper --------------------------------------------------------------
 
@@ -167,7 +174,7 @@ class MoELightningModule(LightningModule):
             self._moe_log(ran)
         if not self.automatic_optimization or output is None:
             return output
-        aux = sum((layer.aux_loss for layer in ran[1:]), ran[0].aux_loss)
+        aux = _aux_sum(ran)
         if isinstance(output, Tensor):
             return output + aux
         if isinstance(output, Mapping) and "loss" in output:
@@ -188,16 +195,35 @@ class MoELightningModule(LightningModule):
             return
         for i, layer in balanced:
             self._moe_seen[i] = layer.forward_count
-        counts = torch.cat([layer.tokens_per_expert if is_new else torch.zeros_like(layer.tokens_per_expert)
-                            for (_, layer), is_new in zip(balanced, new, strict=True)])
+        parts = [self._moe_balance_counts(layer) if is_new else (torch.zeros_like(layer.tokens_per_expert), None)
+                 for (_, layer), is_new in zip(balanced, new, strict=True)]
+        counts = torch.cat([part for part, _ in parts])
+        reduced = [flag for _, flag in parts]
         layers = [layer for _, layer in balanced]
         same = len(layers) == len(self._moe_count_layers) and all(
             a is b for a, b in zip(layers, self._moe_count_layers, strict=True))
+        if same and self._moe_counts is not None:
+            old = self._moe_count_reduced
+            same = all(a is None or b is None or a == b for a, b in zip(old, reduced, strict=True))
+            reduced = [b if a is None else a for a, b in zip(old, reduced, strict=True)]
         if self._moe_counts is None or not same:
-            # The layer set changed (upcycling mid-run): counts of the old set no longer apply.
+            # The layer set changed (upcycling mid-run), or a layer switched between summed and own counts:
+            # counts of the old set no longer apply.
             self._moe_counts, self._moe_count_layers = counts, layers
         else:
             self._moe_counts += counts
+        self._moe_count_reduced = reduced
+
+    def _moe_balance_counts(self, layer: MoE) -> tuple[Tensor, bool]:
+        """The counts of ``layer``'s last forward for bias balancing, and whether they are summed over every rank.
+
+        The balancing loss's counts, where its scope summed them over the whole world (no second
+        all-reduce); this rank's own otherwise (summed by :meth:`_moe_update_expert_bias`).
+        """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and layer.reduced_over == world:
+            return layer.global_tokens_per_expert, True
+        return layer.tokens_per_expert, False
 
     def _moe_hook_optimizers(self) -> None:
         for optimizer in self.trainer.optimizers:
@@ -216,10 +242,21 @@ class MoELightningModule(LightningModule):
         if counts is None:
             return
         self._moe_counts = None
-        if self._trainer is not None and self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            # Every rank processes different tokens (data x expert parallel): sum over the world.
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         sizes = [layer.num_experts for layer in self._moe_count_layers]
+        # Every rank processes different tokens (data x expert parallel): sum over the world the counts that
+        # are this rank's own. Every rank holds the same flags (the same layers ran the same scopes).
+        todo = [i for i, reduced in enumerate(self._moe_count_reduced) if not reduced]
+        if (todo and self._trainer is not None and self.trainer.world_size > 1 and dist.is_available()
+                and dist.is_initialized()):
+            if len(todo) == len(sizes):
+                dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            else:
+                parts = list(counts.split(sizes))
+                own = torch.cat([parts[i] for i in todo])
+                dist.all_reduce(own, op=dist.ReduceOp.SUM)
+                for i, part in zip(todo, own.split([sizes[i] for i in todo]), strict=True):
+                    parts[i] = part
+                counts = torch.cat(parts)
         for layer, load in zip(self._moe_count_layers, counts.split(sizes), strict=True):
             layer.update_expert_bias(load)
 
@@ -228,28 +265,28 @@ class MoELightningModule(LightningModule):
     @torch.no_grad()
     def _moe_log(self, ran: list[MoE]) -> None:
         """Log the routing stats of the layers that ran: a few stacked tensor ops, no host sync."""
-        aux_L = torch.stack([layer.aux_loss.detach().float() for layer in ran])
-        z_L = torch.stack([layer.z_loss.detach().float() for layer in ran])
-        dropped_L = torch.stack([layer.dropped_tokens for layer in ran]).float()
-        assignments_L = torch.stack([layer.assignments for layer in ran]).float()
-        entropy_L = torch.stack([layer.router_entropy.float() for layer in ran])
+        aux_Y = torch.stack([layer.aux_loss.detach().float() for layer in ran])
+        z_Y = torch.stack([layer.z_loss.detach().float() for layer in ran])
+        dropped_Y = torch.stack([layer.dropped_tokens for layer in ran]).float()
+        assignments_Y = torch.stack([layer.assignments for layer in ran]).float()
+        entropy_Y = torch.stack([layer.router_entropy.float() for layer in ran])
         if len({layer.num_experts for layer in ran}) == 1:
-            imbalance_L = load_imbalance(torch.stack([layer.tokens_per_expert for layer in ran]).float())
+            imbalance_Y = load_imbalance(torch.stack([layer.tokens_per_expert for layer in ran]).float())
         else:
-            imbalance_L = torch.stack([load_imbalance(layer.tokens_per_expert.float()) for layer in ran])
+            imbalance_Y = torch.stack([load_imbalance(layer.tokens_per_expert.float()) for layer in ran])
         totals = {
-            "aux_loss": aux_L.sum(),
-            "z_loss": z_L.sum(),
-            "dropped_fraction": dropped_L.sum() / assignments_L.sum().clamp_min(1),
-            "load_imbalance": imbalance_L.max(),
-            "routing_entropy": entropy_L.mean(),
+            "aux_loss": aux_Y.sum(),
+            "z_loss": z_Y.sum(),
+            "dropped_fraction": dropped_Y.sum() / assignments_Y.sum().clamp_min(1),
+            "load_imbalance": imbalance_Y.max(),
+            "routing_entropy": entropy_Y.mean(),
         }
         for stat, value in totals.items():
             self._moe_log_value(f"moe/{stat}", value)
         if not self.log_per_layer:
             return
-        per_layer = {"aux_loss": aux_L, "z_loss": z_L, "dropped_fraction": dropped_L / assignments_L.clamp_min(1),
-                     "load_imbalance": imbalance_L, "routing_entropy": entropy_L}
+        per_layer = {"aux_loss": aux_Y, "z_loss": z_Y, "dropped_fraction": dropped_Y / assignments_Y.clamp_min(1),
+                     "load_imbalance": imbalance_Y, "routing_entropy": entropy_Y}
         index = {id(layer): i for i, (_, layer) in enumerate(self._moe_step_layers)}
         # NOTE: each self.log call costs ~0.2-0.5 ms of Python: per-layer values are step values only.
         for j, layer in enumerate(ran):
@@ -262,6 +299,12 @@ class MoELightningModule(LightningModule):
         self.log(name, value, on_step=True, on_epoch=False, batch_size=1)
         if epoch:
             self.log(f"{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+
+
+def _aux_sum(layers: list[MoE]) -> Tensor:
+    # Through recompute.aux_loss_term: a layer under a reentrant activation checkpoint gets its gradient.
+    terms = [aux_loss_term(layer, layer.aux_loss) for layer in layers]
+    return sum(terms[1:], terms[0])
 
 
 def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:

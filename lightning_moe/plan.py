@@ -11,14 +11,13 @@ Conventions:
     * Parallelism is expert x data parallelism only: every GPU runs its own micro-batch, non-expert ("dense")
       weights are data-parallel over all ``gpus``, each expert sits on one GPU of every EP group of ``ep`` GPUs
       and is replicated over its ``dp = gpus / ep`` expert-data-parallel group. Not modelled: tensor/pipeline
-      parallelism, ZeRO-3 gather buffers, allocator/framework overhead, routing imbalance, capacity padding.
+      parallelism, allocator/framework overhead, routing imbalance, capacity padding, and the gather buffers of
+      ZeRO-3 except for ``"fsdp"`` sharding (``MoEStrategy(data_parallel="fsdp")``, modelled tensor by tensor).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 
@@ -30,16 +29,18 @@ from lightning_moe.architecture import (
     Architecture,
     ParamCounts,
     count_params,
+    tensor_shapes,
 )
+from lightning_moe.plan_sharding import fsdp_shard_numel, unit_sizes
 
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-SHARDINGS = ("replicated", "full")
+SHARDINGS = ("replicated", "full", "fsdp")
 GIB = 1024**3
 
 __all__ = ["ACTIVATIONS", "GATED_ACTIVATIONS", "PRESETS", "Architecture", "Layout", "ParamCounts", "Plan",
            "RankParams", "activation_bytes", "all_to_all_bytes", "check_layout", "count_params", "flops_per_token",
-           "layer_activation_bytes", "main", "min_ep_that_fits", "params_per_rank", "plan", "state_bytes",
-           "valid_eps"]
+           "fsdp_shard_numel", "gather_bytes", "layer_activation_bytes", "main", "min_ep_that_fits", "params_per_rank",
+           "plan", "state_bytes", "tensor_shapes", "valid_eps"]
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,14 @@ class Layout:
         gpu_memory: Memory per GPU in bytes (the CLI takes GiB).
         ep: Expert-parallel size: each GPU holds ``experts / ep`` experts of every MoE layer.
         dp: Expert-data-parallel size (copies of each expert); default ``gpus // ep``; must equal it.
-        dense_sharding: Non-expert weights, grads and optimizer states ``"replicated"`` (DDP) or ``"full"``
-            (ZeRO-3 / FSDP over all GPUs).
-        expert_sharding: ``"replicated"`` (default: every holder keeps its experts whole) or ``"full"`` (expert
+        dense_sharding: Non-expert weights, grads and optimizer states ``"replicated"`` (DDP), ``"full"``
+            (ZeRO-3 over all GPUs, an even split of all of them) or ``"fsdp"`` (FSDP2 as
+            ``MoEStrategy(data_parallel="fsdp")`` shards: tensor by tensor, see :func:`fsdp_shard_numel`, plus
+            the unsharded units in flight, see :func:`gather_bytes`).
+        expert_sharding: ``"replicated"`` (default: every holder keeps its experts whole), ``"full"`` (expert
             weights, grads and states also sharded over the ``dp`` group; memory then no longer depends on
-            ``ep``, only communication does).
+            ``ep``, only communication does) or ``"fsdp"`` (the same, as the strategy does it: each stacked
+            expert tensor on its first dim after the expert dim that ``dp`` divides).
         weight_dtype: Precision of the stored weights.
         grad_dtype: Precision of the gradients.
         optim_dtype: Precision of the two Adam states.
@@ -129,15 +133,16 @@ def check_layout(arch: Architecture, layout: Layout) -> int:
 
 @dataclass(frozen=True)
 class RankParams:
-    """Exact parameter counts of one rank (the largest rank when a shard does not divide evenly).
+    """Exact parameter counts of one rank (by default rank 0, the largest when a shard does not divide evenly).
 
     Attributes:
         local_experts: Routed experts per MoE layer on the rank, ``experts // ep``.
         expert: Routed-expert parameters the rank materialises, ``moe_layers * local_experts * per_expert``.
         dense: Non-expert parameters the rank materialises: all of them (``total - routed_experts``).
         expert_stored: Expert parameters kept between steps: ``expert``, or ``ceil(expert / dp)`` when
-            ``expert_sharding="full"``.
-        dense_stored: ``dense``, or ``ceil(dense / gpus)`` when ``dense_sharding="full"``.
+            ``expert_sharding="full"`` (``expert / dp`` exactly with ``"fsdp"``).
+        dense_stored: ``dense``, ``ceil(dense / gpus)`` when ``dense_sharding="full"``, or this rank's share of
+            every tensor with ``"fsdp"`` (:func:`fsdp_shard_numel`).
     """
 
     local_experts: int
@@ -157,18 +162,20 @@ class RankParams:
         return self.expert_stored + self.dense_stored
 
 
-def params_per_rank(arch: Architecture, layout: Layout) -> RankParams:
+def params_per_rank(arch: Architecture, layout: Layout, rank: int = 0) -> RankParams:
     """Exact per-rank parameter counts (see :class:`RankParams`).
 
     Args:
         arch: The model.
         layout: The layout.
+        rank: Global rank (matters for ``"fsdp"`` sharding only, where shards can be uneven).
 
     Returns:
         The counts of one rank.
 
     Raises:
-        ValueError: If the layout cannot host the model (see :func:`check_layout`).
+        ValueError: If the layout cannot host the model (see :func:`check_layout`), or with ``"fsdp"`` expert
+            sharding if ``dp`` does not divide an expert tensor's dim 1.
     """
     dp = check_layout(arch, layout)
     counts = count_params(arch)
@@ -177,7 +184,60 @@ def params_per_rank(arch: Architecture, layout: Layout) -> RankParams:
     dense = counts.total - counts.routed_experts
     expert_stored = -(-expert // dp) if layout.expert_sharding == "full" else expert
     dense_stored = -(-dense // layout.gpus) if layout.dense_sharding == "full" else dense
+    if "fsdp" in (layout.dense_sharding, layout.expert_sharding):
+        shapes = tensor_shapes(arch)
+        if layout.dense_sharding == "fsdp":
+            dense_stored = sum(fsdp_shard_numel(s, layout.gpus, rank) for _, s, routed in shapes if not routed)
+        if layout.expert_sharding == "fsdp":
+            if any(all(size % dp for size in s[1:]) for _, s, routed in shapes if routed):
+                raise ValueError(f"Layout: dp={dp} must divide dim or expert_hidden (FSDP2 shards an expert tensor "
+                                 "on a dim after the expert dim, evenly) for expert_sharding='fsdp'; pick another ep")
+            expert_stored = expert // dp
     return RankParams(local, expert, dense, expert_stored, dense_stored)
+
+
+def gather_bytes(arch: Architecture, layout: Layout) -> int:
+    """Bytes of unsharded FSDP2 units at the step's peak, beyond the activations (``dense_sharding="fsdp"``; 0 else).
+
+    A unit (the root: embeddings, lm head, final norm; each block with its local experts) is unsharded around its
+    forward and its backward (``reshard_after_forward=True``, as the strategy shards): FSDP2 copies it out of a
+    flat all-gather output into storage padded to every rank's shard (a tensor of ``n`` rows sharded on dim 0
+    takes ``gpus * ceil(n / gpus)`` rows, far more than ``n`` when ``n < gpus``). This walks the step unit by
+    unit, as measured on CPU (``tests/test_fsdp.py``, ``examples/trillion_plan.py``):
+
+    * forward, block ``i``: the root unsharded with its all-gather output (both held through the forward), the
+      activations of the blocks before, block ``i`` and its all-gather output;
+    * backward, block ``i``: the root unsharded and its gradient, the activations of blocks ``0..i`` plus block
+      ``i``'s again as their gradients (and, with recomputation, one block's activations), block ``i`` unsharded
+      with the buffer it (or the next, prefetched) arrives in, and its gradient;
+
+    and returns the largest total minus :func:`activation_bytes`.
+
+    Args:
+        arch: The model.
+        layout: The layout.
+
+    Returns:
+        Bytes (``total_bytes`` = states + activations + this).
+    """
+    if layout.dense_sharding != "fsdp":
+        return 0
+    sizes = unit_sizes(arch, layout.ep, layout.gpus)
+    w, g = DTYPE_BYTES[layout.weight_dtype], DTYPE_BYTES[layout.grad_dtype]
+    root, root_p = sizes[""]
+    blocks = [sizes[f"blocks.{i}"] for i in range(arch.layers)]
+    t, p = layout.micro_batch * layout.seq_len, DTYPE_BYTES[layout.act_dtype]
+    stored = [layer_activation_bytes(arch, layout, arch.is_moe_layer(i)) for i in range(arch.layers)]
+    if layout.activation_checkpointing:  # block inputs kept, one block's activations recomputed at a time
+        stored, recompute = [t * p * arch.dim] * arch.layers, max(stored)
+    else:
+        recompute = 0
+    output = t * (p * arch.dim + 4 * arch.vocab)
+    live = [2 * root_p * w + sum(stored[:i]) + 2 * padded * w for i, (_, padded) in enumerate(blocks)]  # forward
+    live.append(2 * root_p * w + sum(stored) + output)  # backward of the head: the root arriving again
+    for i, (numel, padded) in enumerate(blocks):  # backward
+        live.append(root_p * w + root * g + sum(stored[: i + 1]) + stored[i] + recompute + 2 * padded * w + numel * g)
+    return max(max(live) - activation_bytes(arch, layout), 0)
 
 
 def flops_per_token(arch: Architecture, seq_len: int) -> int:
@@ -281,12 +341,13 @@ def all_to_all_bytes(arch: Architecture, layout: Layout) -> int:
     return arch.moe_layers * per_layer * 2 * passes * (layout.ep - 1) // layout.ep
 
 
-def state_bytes(arch: Architecture, layout: Layout) -> tuple[int, int, int]:
+def state_bytes(arch: Architecture, layout: Layout, rank: int = 0) -> tuple[int, int, int]:
     """Per-GPU bytes of weights, gradients and Adam states (2 states, plus fp32 master weights if narrower).
 
     Args:
         arch: The model.
         layout: The layout.
+        rank: Global rank (see :func:`params_per_rank`).
 
     Returns:
         ``(weights, grads, optimizer)`` bytes of :attr:`RankParams.stored` parameters.
@@ -294,7 +355,7 @@ def state_bytes(arch: Architecture, layout: Layout) -> tuple[int, int, int]:
     Raises:
         ValueError: If the layout cannot host the model (see :func:`check_layout`).
     """
-    n, w = params_per_rank(arch, layout).stored, DTYPE_BYTES[layout.weight_dtype]
+    n, w = params_per_rank(arch, layout, rank).stored, DTYPE_BYTES[layout.weight_dtype]
     master = 4 if layout.master_weights and w < 4 else 0
     return n * w, n * DTYPE_BYTES[layout.grad_dtype], n * (2 * DTYPE_BYTES[layout.optim_dtype] + master)
 
@@ -311,7 +372,11 @@ def min_ep_that_fits(arch: Architecture, layout: Layout) -> int | None:
     """
     for ep in valid_eps(arch, layout.gpus):
         candidate = dataclasses.replace(layout, ep=ep, dp=None)
-        if sum(state_bytes(arch, candidate)) + activation_bytes(arch, candidate) <= layout.gpu_memory:
+        try:
+            total = sum(state_bytes(arch, candidate)) + activation_bytes(arch, candidate)
+        except ValueError:  # "fsdp" expert sharding needs dp to divide an expert dim
+            continue
+        if total + gather_bytes(arch, candidate) <= layout.gpu_memory:
             return ep
     return None
 
@@ -339,6 +404,8 @@ class Plan:
     all_to_all_bytes: int
     fits: bool
     min_ep_that_fits: int | None
+    gather_bytes: int = 0
+    rank: int = 0
 
     def to_dict(self) -> dict:
         """All fields as a JSON-serialisable dict."""
@@ -350,20 +417,25 @@ class Plan:
         for f in ("total_params", "active_params", "expert_params_per_gpu", "dense_params_per_gpu"):
             rows[f] = f"{getattr(self, f) / 1e9:,.3f} B ({getattr(self, f):,})"
         rows["flops_per_token"] = f"{self.flops_per_token / 1e9:,.2f} GFLOP forward, x3 = training"
+        if self.rank:
+            rows["layout"] += f", rank {self.rank}"
         for f in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "total_bytes", "gpu_memory"):
             rows[f] = f"{getattr(self, f) / GIB:,.2f} GiB"
+        if self.gather_bytes:
+            rows["gather_bytes"] = f"{self.gather_bytes / GIB:,.2f} GiB (FSDP units in flight)"
         rows["all_to_all_bytes"] = f"{self.all_to_all_bytes / GIB:,.2f} GiB per step"
         rows["fits"] = "yes" if self.fits else "NO"
         rows["min_ep_that_fits"] = str(self.min_ep_that_fits)
         return "\n".join(f"{k:<22} {v}" for k, v in rows.items())
 
 
-def plan(arch: Architecture, layout: Layout) -> Plan:
+def plan(arch: Architecture, layout: Layout, rank: int = 0) -> Plan:
     """Plan a training run.
 
     Args:
         arch: The model.
         layout: The layout.
+        rank: The global rank whose figures to give (they differ only where ``"fsdp"`` shards are uneven).
 
     Returns:
         The plan.
@@ -377,55 +449,20 @@ def plan(arch: Architecture, layout: Layout) -> Plan:
         >>> result.fits, result.dp, round(result.total_bytes / GIB, 1)
         (True, 8, 76.3)
     """
-    rank, counts = params_per_rank(arch, layout), count_params(arch)
-    weights, grads, optim = state_bytes(arch, layout)
-    total = weights + grads + optim + (acts := activation_bytes(arch, layout))
+    share, counts = params_per_rank(arch, layout, rank), count_params(arch)
+    weights, grads, optim = state_bytes(arch, layout, rank)
+    gather = gather_bytes(arch, layout)
+    total = weights + grads + optim + (acts := activation_bytes(arch, layout)) + gather
     fwd = flops_per_token(arch, layout.seq_len)
     return Plan(
         arch.name, layout.gpus, layout.ep, layout.gpus // layout.ep, counts.total, counts.active, fwd, 3 * fwd,
-        rank.expert_stored, rank.dense_stored, weights, grads, optim, acts, total, layout.gpu_memory,
-        all_to_all_bytes(arch, layout), total <= layout.gpu_memory, min_ep_that_fits(arch, layout),
+        share.expert_stored, share.dense_stored, weights, grads, optim, acts, total, layout.gpu_memory,
+        all_to_all_bytes(arch, layout), total <= layout.gpu_memory, min_ep_that_fits(arch, layout), gather, rank,
     )  # fmt: skip
 
 
-_ARCH_FIELDS = [f.name for f in dataclasses.fields(Architecture) if f.name != "name"]
-_LAYOUT_FIELDS = [f.name for f in dataclasses.fields(Layout)]
-_REQUIRED = ("layers", "dim", "heads", "vocab", "expert_hidden", "experts", "top_k")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lightning_moe.plan", description="Capacity planner for MoE models.")
-    p.add_argument("--preset", choices=list(PRESETS), help="start from a published architecture")
-    p.add_argument("--list-presets", action="store_true", help="print the presets with their counts and exit")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    group = p.add_argument_group("architecture (overrides the preset; see Architecture)")
-    for name in _ARCH_FIELDS:
-        flag, default = "--" + name.replace("_", "-"), getattr(Architecture, name, None)
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif name in ("activation", "dense_activation"):
-            group.add_argument(flag, choices=ACTIVATIONS, default=None)
-        else:
-            group.add_argument(flag, type=int, default=None)
-    group = p.add_argument_group("layout (see Layout)")
-    group.add_argument("--gpus", type=int, default=8)
-    group.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
-    group.add_argument("--ep", type=int, default=None, help="default: smallest that fits, else largest valid")
-    group.add_argument("--dp", type=int, default=None, help="default: gpus // ep")
-    for name in _LAYOUT_FIELDS[4:]:
-        flag, default = "--" + name.replace("_", "-"), getattr(Layout, name)
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, int):
-            group.add_argument(flag, type=int, default=default)
-        else:
-            allowed = SHARDINGS if name.endswith("sharding") else list(DTYPE_BYTES)
-            group.add_argument(flag, choices=allowed, default=default)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point (``python -m lightning_moe.plan --help``).
+    """Command-line entry point (``python -m lightning_moe.plan --help``; :mod:`lightning_moe.plan_cli`).
 
     Args:
         argv: Arguments; default ``sys.argv[1:]``.
@@ -433,33 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         Exit code: 0, or 2 on an invalid architecture or layout (message on stderr).
     """
-    args = _parser().parse_args(argv)
-    if args.list_presets:
-        for name, arch in PRESETS.items():
-            c = count_params(arch)
-            print(f"{name:<16} {c.total / 1e9:9.1f}B total {c.active / 1e9:7.1f}B active")
-        return 0
-    try:
-        fields = dataclasses.asdict(PRESETS[args.preset]) if args.preset else {}
-        overrides = {k: getattr(args, k) for k in _ARCH_FIELDS if getattr(args, k) is not None}
-        if args.preset and overrides:
-            fields["name"] = f"{args.preset} (modified)"
-        fields.update(overrides)
-        missing = ", ".join("--" + k.replace("_", "-") for k in _REQUIRED if k not in fields)
-        if missing:
-            raise ValueError(f"Architecture: {missing} required without --preset; pass them or pick a --preset")
-        arch = Architecture(**fields)
-        layout = Layout(**{k: getattr(args, k) for k in _LAYOUT_FIELDS if k not in ("gpu_memory", "ep")},
-                        gpu_memory=int(args.gpu_memory * GIB), ep=args.ep or 1)  # fmt: skip
-        if args.ep is None:
-            ep = min_ep_that_fits(arch, layout) or valid_eps(arch, layout.gpus)[-1]
-            layout = dataclasses.replace(layout, ep=ep)
-        result = plan(arch, layout)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
-    return 0
+    from lightning_moe.plan_cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -10,24 +10,28 @@ its own (``examples/compress_experts.py``):
 * :func:`remap_optimizers` points optimizers at the new parameters, keeping the state of kept rows;
 * :func:`hidden_unit_mask` is the per-expert hidden-neuron mask of structured magnitude pruning.
 
-Shape legend: E experts (global), K kept experts, L kept experts held by this rank, D model width,
+Shape legend: E experts (global), J kept experts, L of them held by this rank, D model width,
 H expert hidden width.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_moe.distributed.expert_parallel import expert_group, expert_shard, shard_moe_layer, unshard_moe_layer
+from lightning_moe.distributed.expert_parallel import ExpertParallelDispatcher, expert_group, expert_shard
 from lightning_moe.distributed.gather import gather_experts
+from lightning_moe.distributed.shard_layout import is_per_expert
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
 from lightning_moe.nn.moe import MoE
 
+KEPT_BUFFER = "kept_experts"  # persistent buffer of a pruned layer: ids (in the unpruned layer) of its experts
 # old parameter id -> (old parameter, new parameter or None when removed, kept rows; None: state already moved)
 Remap = dict[int, tuple[nn.Parameter, "nn.Parameter | None", "Tensor | None"]]
 
@@ -49,7 +53,7 @@ def choose_experts(
         multiple_of: the expert-parallel size.
 
     Returns:
-        ``(keep_K sorted ascending, notes)``; notes say when the count was raised.
+        ``(keep_J sorted ascending, notes)``; notes say when the count was raised.
     """
     num_experts = counts_E.numel()
     counts_E = counts_E.detach().double().cpu()
@@ -76,8 +80,8 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> Remap:
 
     Router rows (``gate.weight``, ``expert_bias``), expert weights (every tensor of a stacked bank
     whose first dim is the expert, pruning masks and compressed banks included, or the modules of
-    :class:`TemplateExperts`) and the layer's stat buffers shrink to ``K`` experts, renumbered
-    ``0..K-1`` in their old order. ``top_k`` is clamped to ``K`` with a warning.
+    :class:`TemplateExperts`) and the layer's stat buffers shrink to ``J`` experts, renumbered
+    ``0..J-1`` in their old order. ``top_k`` is clamped to ``J`` with a warning.
 
     Args:
         layer: an unsharded MoE layer (``layer.experts`` holds every expert).
@@ -94,23 +98,23 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> Remap:
     if bank.num_experts != layer.num_experts:
         raise ValueError(f"ExpertPruning: layer {name} holds {bank.num_experts} of its {layer.num_experts} experts "
                          "(sharded by expert parallelism); prune with expert_parallel_size=1")
-    keep_K = torch.as_tensor(keep_E, dtype=torch.long).flatten().unique(sorted=True).cpu()
-    if keep_K.numel() == 0 or int(keep_K.min()) < 0 or int(keep_K.max()) >= layer.num_experts:
-        raise ValueError(f"ExpertPruning: keep={keep_K.tolist()} must be non-empty expert ids of layer {name} "
+    keep_J = torch.as_tensor(keep_E, dtype=torch.long).flatten().unique(sorted=True).cpu()
+    if keep_J.numel() == 0 or int(keep_J.min()) < 0 or int(keep_J.max()) >= layer.num_experts:
+        raise ValueError(f"ExpertPruning: keep={keep_J.tolist()} must be non-empty expert ids of layer {name} "
                          f"(0..{layer.num_experts - 1})")
-    old_e, k = layer.num_experts, keep_K.numel()
+    old_e, k = layer.num_experts, keep_J.numel()
     remap: Remap = {}
 
     def shrink_param(module: nn.Module, attr: str) -> None:
         old = getattr(module, attr)
-        rows = keep_K.to(old.device)
+        rows = keep_J.to(old.device)
         new = nn.Parameter(old.detach().index_select(0, rows).clone(), requires_grad=old.requires_grad)
         setattr(module, attr, new)
         remap[id(old)] = (old, new, rows)
 
     def shrink_buffer(module: nn.Module, attr: str) -> None:
         old = getattr(module, attr)
-        setattr(module, attr, old.index_select(0, keep_K.to(old.device)).clone())
+        setattr(module, attr, old.index_select(0, keep_J.to(old.device)).clone())
 
     # 1. Router: one gate row (and bias entry) per expert.
     router = layer.router
@@ -122,11 +126,11 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> Remap:
 
     # 2. Experts: every per-expert tensor, or the per-expert modules.
     if isinstance(bank, TemplateExperts):
-        kept = set(keep_K.tolist())
+        kept = set(keep_J.tolist())
         for e, module in enumerate(bank.experts):
             if e not in kept:
                 remap.update({id(p): (p, None, None) for p in module.parameters()})
-        bank.experts = nn.ModuleList(bank.experts[e] for e in keep_K.tolist())
+        bank.experts = nn.ModuleList(bank.experts[e] for e in keep_J.tolist())
     else:
         for attr, p in list(bank.named_parameters(recurse=False)):
             if p.dim() and p.shape[0] == old_e:
@@ -136,10 +140,14 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> Remap:
                 shrink_buffer(bank, attr)
     bank.num_experts = k
 
-    # 3. Layer: size, stat buffers, top_k.
+    # 3. Layer: size, stat buffers, top_k, and which experts of the original layer it holds: a state dict
+    # saved from here on says it was pruned, so that loading it shrinks a fresh layer first (shrink_to_saved).
     layer.num_experts = k
-    for attr in ("tokens_per_expert",):
+    for attr in ("tokens_per_expert", "global_tokens_per_expert"):
         shrink_buffer(layer, attr)
+    held = getattr(layer, KEPT_BUFFER, None)
+    original_J = keep_J if held is None else held.index_select(0, keep_J.to(held.device)).cpu()
+    layer.register_buffer(KEPT_BUFFER, original_J.to(layer.tokens_per_expert.device).clone())
     if layer.top_k > k:
         rank_zero_warn(f"ExpertPruning: layer {name} keeps {k} experts < top_k={layer.top_k}; top_k is now {k}")
         layer.top_k = k
@@ -153,7 +161,7 @@ def remove_sharded_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Se
     """:func:`remove_experts` for a layer sharded by expert parallelism (collective over its EP group).
 
     Gathers the experts (and their optimizer state) of the EP group, removes experts from the full
-    layer, and shards it again over the same group (``K`` must be a multiple of its size). Every
+    layer, and shards it again over the same group (``J`` must be a multiple of its size). Every
     rank of the group must call it with the same ``keep_E``, for its layers in the same order.
 
     Args:
@@ -184,18 +192,29 @@ def remove_sharded_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Se
             state, gathered = {}, set()
             for key in sorted(optimizer.state[p]):
                 value = optimizer.state[p][key]
-                if isinstance(value, Tensor) and value.shape == p.shape:
+                if is_per_expert(value, p.shape[0]):  # moments, factored (Adafactor) states: one row per expert
                     value = gather_experts(value, group)
                     gathered.add(key)
                 state[key] = value
             full_state[attr] = (optimizer, state, gathered)
     # 2. Full layer, prune, shard again: new local expert j is kept expert offset + j. The remap of
-    # the (unsharded, optimizer-less) full expert tensors is harmless; the router's is needed.
-    unshard_moe_layer(layer)
+    # the (unsharded, optimizer-less) full expert tensors is harmless; the router's is needed. Every
+    # per-expert tensor of the bank travels under its own name: magnitude pruning's w1_orig and w1_mask
+    # too (its forward pre-hook recomputes w1 from them), which is why this does not unshard by weight name.
+    _replace_rows(bank, shard.num_local, lambda t: gather_experts(t, group))
+    bank.num_experts, bank.expert_offset = shard.num_experts, 0
+    layer.expert_dispatcher = None
     remap = remove_experts(layer, keep_E)
-    new_shard = shard_moe_layer(layer, path, shard.ep_rank, shard.ep_size, group)
-    keep_K = torch.as_tensor(keep_E, dtype=torch.long).flatten().unique(sorted=True)
-    rows_L = keep_K[new_shard.offset:new_shard.offset + new_shard.num_local]
+    keep_J = torch.as_tensor(keep_E, dtype=torch.long).flatten().unique(sorted=True)
+    if keep_J.numel() % shard.ep_size:
+        raise ValueError(f"ExpertPruning: layer {path!r} keeps {keep_J.numel()} experts, not a multiple of its "
+                         f"expert_parallel_size={shard.ep_size}; keep a multiple of it")
+    new_shard = dataclasses.replace(shard, num_experts=keep_J.numel())
+    lo, hi = new_shard.offset, new_shard.offset + new_shard.num_local
+    _replace_rows(bank, new_shard.num_experts, lambda t: t[lo:hi].clone())
+    bank.num_experts, bank.expert_offset = new_shard.num_local, lo
+    layer.expert_dispatcher = ExpertParallelDispatcher(new_shard, group)
+    rows_L = keep_J[new_shard.offset:new_shard.offset + new_shard.num_local]
     for attr, old in old_params.items():
         if attr in full_state:
             optimizer, state, gathered = full_state[attr]
@@ -203,6 +222,16 @@ def remove_sharded_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Se
                                     for k, v in state.items()}
         remap[id(old)] = (old, getattr(bank, attr), None)
     return remap
+
+
+def _replace_rows(bank: nn.Module, rows: int, fn: Callable[[Tensor], Tensor]) -> None:
+    """Replace each parameter and buffer of ``bank`` with first dim ``rows`` (one row per expert) by ``fn`` of it."""
+    for attr, param in list(bank.named_parameters(recurse=False)):
+        if param.dim() and param.shape[0] == rows:
+            setattr(bank, attr, nn.Parameter(fn(param.detach()), requires_grad=param.requires_grad))
+    for attr, buffer in list(bank.named_buffers(recurse=False)):
+        if buffer.dim() and buffer.shape[0] == rows:
+            setattr(bank, attr, fn(buffer))
 
 
 def prune_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Sequence[torch.optim.Optimizer] = ()
@@ -216,6 +245,66 @@ def prune_experts(layer: MoE, path: str, keep_E: Tensor, optimizers: Sequence[to
     if layer.experts.num_experts != layer.num_experts:
         return remove_sharded_experts(layer, path, keep_E, optimizers)
     return remove_experts(layer, keep_E)
+
+
+def saved_expert_counts(shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Experts of every pruned layer in a saved state: ``{layer path: J}`` from the ``kept_experts`` entries.
+
+    Args:
+        shapes: name -> shape of every tensor of a saved model state (a state dict's tensors' shapes,
+            or a DCP directory's metadata).
+    """
+    suffix = f".{KEPT_BUFFER}"
+    return {name[: -len(suffix)] if name != KEPT_BUFFER else "": int(shape[0])
+            for name, shape in shapes.items() if name == KEPT_BUFFER or name.endswith(suffix)}
+
+
+def shrink_to_saved(module: nn.Module, counts: Mapping[str, int], optimizers: Sequence[torch.optim.Optimizer] = ()
+                    ) -> bool:
+    """Before loading a state saved after expert pruning: shrink each layer to the saved number of experts.
+
+    Every value of the shrunk layer (router rows, experts, ``expert_bias``, ``kept_experts``) is then
+    overwritten by the load, so the layer keeps its first ``J`` experts. Sharded layers are gathered
+    and sharded again (a collective over their group, as :func:`prune_experts`); optimizers follow
+    the new parameters (their state comes from the checkpoint too).
+
+    Args:
+        module: the model about to load the state.
+        counts: ``{layer path: J}`` (:func:`saved_expert_counts`).
+        optimizers: optimizers over ``module``'s parameters.
+
+    Returns:
+        True when a layer changed (parameters were replaced: re-wrap DDP).
+
+    Raises:
+        ValueError: if a saved layer holds more experts than the layer it loads into.
+    """
+    remap: Remap = {}
+    for path, layer in [(n, m) for n, m in module.named_modules() if isinstance(m, MoE)]:
+        k = counts.get(path)
+        if k is None or k == layer.num_experts:
+            continue
+        if k > layer.num_experts:
+            raise ValueError(f"ExpertPruning: the saved layer {path!r} holds {k} experts, more than the "
+                             f"{layer.num_experts} of the layer loading it; load into a model of the saved size")
+        remap.update(prune_experts(layer, path, torch.arange(k), optimizers))
+    if remap:
+        remap_optimizers(optimizers, remap)
+    return bool(remap)
+
+
+def shrink_to_saved_hook(layer: MoE, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+    """``MoE``'s load-state-dict pre-hook: a state saved after pruning shrinks an unsharded layer first."""
+    saved = state_dict.get(prefix + KEPT_BUFFER)
+    if not isinstance(saved, Tensor) or saved.ndim != 1:
+        return
+    if saved.numel() != layer.num_experts:
+        if expert_shard(layer) is not None:
+            raise ValueError(f"ExpertPruning: layer {prefix[:-1]!r} is sharded over expert-parallel ranks; the "
+                             "strategy shrinks it before loading a state saved after pruning, not load_state_dict")
+        shrink_to_saved(layer, {"": saved.numel()})
+    elif getattr(layer, KEPT_BUFFER, None) is None:  # a layer built at the pruned size: hold the ids too
+        layer.register_buffer(KEPT_BUFFER, torch.zeros_like(saved, device=next(layer.parameters()).device))
 
 
 def remap_optimizers(optimizers: Sequence[torch.optim.Optimizer], remap: Remap) -> None:
@@ -235,8 +324,7 @@ def remap_optimizers(optimizers: Sequence[torch.optim.Optimizer], remap: Remap) 
                     optimizer.state[new] = state
                 elif state:
                     optimizer.state[new] = {
-                        key: value.index_select(0, rows).clone()
-                        if isinstance(value, Tensor) and value.shape == old.shape else value
+                        key: value.index_select(0, rows).clone() if is_per_expert(value, old.shape[0]) else value
                         for key, value in state.items()
                     }
                 params.append(new)

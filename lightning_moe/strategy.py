@@ -9,29 +9,37 @@ for the experts of every MoE layer, over a ``("data", "expert")`` device mesh:
 - dense parameters are all-reduced by DDP over all ranks; expert parameters are kept out of DDP and
   their gradients are summed over the ranks holding the same experts (the "data" dimension) and
   divided by the world size, so N-rank training equals single-process training on the global batch;
+- every MoE layer's balancing and z losses (scope ``"global"``/``"sequence"``) sum their routing counts
+  over the whole world through a count reduction installed in ``setup`` (:mod:`lightning_moe.nn.reduce`),
+  so with them on too, N-rank training equals one process on the global batch;
 - checkpoints hold the full logical model (one file, gathered to rank 0) or a
-  torch.distributed.checkpoint directory (``checkpoint="sharded"``), and reshard on resume.
+  torch.distributed.checkpoint directory (``checkpoint="sharded"``), and reshard on resume
+  (:mod:`lightning_moe.distributed.strategy_checkpoints`).
+
+``data_parallel="fsdp"`` (``Trainer(strategy="moe_fsdp")``) shards instead of replicating, with torch's FSDP2
+(:mod:`lightning_moe.distributed.fsdp`): dense parameters over every rank, each expert bank over the ranks
+holding the same experts; models built on the meta device are materialised shard by shard
+(:mod:`lightning_moe.distributed.materialise`), and checkpoints are DCP directories that reshard on resume.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_moe import _compat
-from lightning_moe.distributed import full_checkpoint, gradients, launcher, sharded_checkpoint
+from lightning_moe.distributed import fake, fsdp, gradients
+from lightning_moe.distributed.count_reduction import install_count_reduction, remove_count_reduction
 from lightning_moe.distributed.expert_parallel import (
     check_expert_parallel_size,
     expert_parameters,
@@ -42,48 +50,56 @@ from lightning_moe.distributed.expert_parallel import (
 )
 from lightning_moe.distributed.launcher import PEER_FAILURE_GRACE_S as PEER_FAILURE_GRACE_S
 from lightning_moe.distributed.launcher import launcher_gone as launcher_gone
-from lightning_moe.distributed.shard_layout import (
-    OptimizerLayout,
-    ShardLayout,
-    local_model_state,
-    local_optimizer_state,
-)
+from lightning_moe.distributed.materialise import has_meta_tensors, materialise
+from lightning_moe.distributed.shard_layout import OptimizerLayout, ShardLayout
 from lightning_moe.distributed.sharded_checkpoint import consolidate_checkpoint
+from lightning_moe.distributed.strategy_checkpoints import StrategyCheckpoints, unwrap_optimizer
 from lightning_moe.nn.moe import find_moe_layers
 
 CHECKPOINT_FORMATS = ("full", "sharded")
+DATA_PARALLEL = ("ddp", "fsdp")
+_SHARDED_BY_US = "_lightning_moe_fsdp"  # set on a LightningModule once shard_model ran on it
 
 __all__ = ["MoEStrategy", "consolidate_checkpoint"]
 
 
-class MoEStrategy(DDPStrategy):
-    """DDP for dense parameters plus expert parallelism for :class:`~lightning_moe.MoE` layers.
+class MoEStrategy(StrategyCheckpoints):
+    """DDP or FSDP2 for dense parameters plus expert parallelism for :class:`~lightning_moe.MoE` layers.
 
     Args:
         expert_parallel_size: ranks that share one copy of the experts (each holds
             ``num_experts / expert_parallel_size`` of every layer). Default: the world size. Must
             divide the world size and every layer's ``num_experts``.
+        data_parallel: ``"ddp"`` (default) replicates dense parameters and all-reduces their gradients;
+            ``"fsdp"`` shards them over every rank with FSDP2 and shards each expert bank over the ranks holding
+            the same experts (``Trainer(strategy="moe_fsdp")``): nothing is whole on any rank, a model built on the
+            meta device (``configure_model`` runs under it) is materialised shard by shard, and the model stays
+            sharded between stages.
         checkpoint: ``"full"`` writes one file with the full logical model, gathered to rank 0 (it
             loads with ``Model.load_from_checkpoint`` in a plain process), and gives the model back
             unsharded after ``fit``/``validate``/...; ``"sharded"`` writes a
             torch.distributed.checkpoint directory (each rank its shards) and leaves the model
-            sharded, for models that do not fit one host.
+            sharded, for models that do not fit one host. Default: ``"full"`` with ``"ddp"``, ``"sharded"``
+            with ``"fsdp"`` (the only format there; ``consolidate_checkpoint`` makes a full file offline).
         **ddp_kwargs: arguments of Lightning's ``DDPStrategy`` (``start_method``, ``timeout``,
-            ``process_group_backend``, ...) and of ``DistributedDataParallel``.
+            ``process_group_backend``, ...) and, with ``"ddp"``, of ``DistributedDataParallel``.
 
     Raises:
-        ValueError: for a bad ``expert_parallel_size`` or ``checkpoint``; before training, when the
-            world size or a layer's ``num_experts`` is not a multiple of ``expert_parallel_size``.
+        ValueError: for a bad ``expert_parallel_size``, ``data_parallel`` or ``checkpoint``; before training, when
+            the world size or a layer's ``num_experts`` is not a multiple of ``expert_parallel_size``.
 
     Example::
 
         trainer = L.Trainer(accelerator="gpu", devices=8, strategy="moe")             # EP = 8
         trainer = L.Trainer(devices=8, num_nodes=2, strategy=MoEStrategy(expert_parallel_size=8))
+        trainer = L.Trainer(devices=8, num_nodes=4, strategy=MoEStrategy(expert_parallel_size=8,
+                                                                         data_parallel="fsdp"))
     """
 
     strategy_name = "moe"
 
-    def __init__(self, expert_parallel_size: int | None = None, checkpoint: str = "full", **ddp_kwargs: Any) -> None:
+    def __init__(self, expert_parallel_size: int | None = None, checkpoint: str | None = None,
+                 data_parallel: str = "ddp", **ddp_kwargs: Any) -> None:
         name = type(self).__name__
         if expert_parallel_size is not None and (
             not isinstance(expert_parallel_size, int) or isinstance(expert_parallel_size, bool)
@@ -91,68 +107,36 @@ class MoEStrategy(DDPStrategy):
         ):
             raise ValueError(f"{name}: expert_parallel_size={expert_parallel_size!r} must be a positive int, or None "
                              "for the world size")
+        if data_parallel not in DATA_PARALLEL:
+            raise ValueError(f"{name}: data_parallel={data_parallel!r} must be one of {DATA_PARALLEL}")
+        if checkpoint is None:
+            checkpoint = "sharded" if data_parallel == "fsdp" else "full"
         if checkpoint not in CHECKPOINT_FORMATS:
             raise ValueError(f"{name}: checkpoint={checkpoint!r} must be one of {CHECKPOINT_FORMATS}")
+        if data_parallel == "fsdp" and checkpoint != "sharded":
+            raise ValueError(f"{name}: data_parallel='fsdp' writes DCP directories only, checkpoint={checkpoint!r} "
+                             "given; use checkpoint='sharded' (the default) and make a full file offline with "
+                             "lightning_moe.strategy.consolidate_checkpoint")
         if checkpoint == "sharded" and ddp_kwargs.get("start_method", "popen") != "popen":
             raise ValueError(f"{name}: checkpoint='sharded' keeps the model sharded after fit, which start_method="
                              f"{ddp_kwargs['start_method']!r} cannot copy back to the main process; use "
                              "checkpoint='full' or the default start_method='popen'")
         super().__init__(**ddp_kwargs)
         self._expert_parallel_size = expert_parallel_size
+        self._data_parallel = data_parallel
         self._checkpoint = checkpoint
         self._device_mesh = None
+        self._world_mesh = None
         self._trainer: pl.Trainer | None = None
         self._released_layouts: dict[int, OptimizerLayout] = {}
-
-    # ------------------------------------------------------------------------------------------
-    # Mesh and groups
-
-    @property
-    def expert_parallel_size(self) -> int:
-        """Ranks in one expert group (the world size unless given)."""
-        return self._expert_parallel_size or self.world_size
+        self._pending_grads = gradients.PendingReduction()  # manual optimization: reduced at the step
+        self._hand_clip = gradients.HandClipWatch(self._on_hand_clip)
+        self._warned_hand_clip = False
 
     @property
-    def device_mesh(self):
-        """The ``("data", "expert")`` :class:`~torch.distributed.device_mesh.DeviceMesh` (after set-up)."""
-        if self._device_mesh is None:
-            raise RuntimeError(f"{type(self).__name__}: the device mesh exists once the trainer set up the strategy")
-        return self._device_mesh
-
-    @property
-    def expert_group(self) -> dist.ProcessGroup:
-        """Process group of this rank's expert group (the all-to-all group)."""
-        return self.device_mesh.get_group("expert")
-
-    @property
-    def expert_data_group(self) -> dist.ProcessGroup:
-        """Process group of the ranks holding the same experts (expert gradients are summed over it)."""
-        return self.device_mesh.get_group("data")
-
-    @property
-    @override
-    def restore_checkpoint_after_setup(self) -> bool:
-        # Shard first, then read each rank's slice of the (full or DCP) checkpoint.
-        return True
-
-    @override
-    def _configure_launcher(self) -> None:
-        super()._configure_launcher()
-        self._launcher = launcher.watched(self._launcher, self.cluster_environment, self.num_processes, self.num_nodes)
-
-    @override
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        launcher.start_peer_watchdog()
-        ep, world = self.expert_parallel_size, self.world_size
-        check_expert_parallel_size([], ep, world, type(self).__name__)
-        mesh = self._device_mesh
-        if mesh is None or mesh.mesh.shape != (world // ep, ep):
-            from torch.distributed.device_mesh import init_device_mesh
-
-            self._device_mesh = init_device_mesh(
-                self.root_device.type, (world // ep, ep), mesh_dim_names=("data", "expert")
-            )
+    def data_parallel(self) -> str:
+        """``"ddp"`` or ``"fsdp"``: how dense parameters are spread over the ranks."""
+        return self._data_parallel
 
     # ------------------------------------------------------------------------------------------
     # Sharding
@@ -160,12 +144,24 @@ class MoEStrategy(DDPStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._trainer = trainer
-        self._released_layouts = {}
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:  # new optimizers; test/validate/predict keep fit's (and the layout of their state)
+            self._released_layouts = {}
         module = self.lightning_module
         assert module is not None
         layers = find_moe_layers(module)
         ep, world = self.expert_parallel_size, self.world_size
         check_expert_parallel_size(layers, ep, world, type(self).__name__)
+        on_meta = has_meta_tensors(module)
+        fsdp_mode = self._data_parallel == "fsdp"
+        first = not getattr(module, _SHARDED_BY_US, False)
+        if fsdp_mode and first and ep > 1 and any(fsdp.is_sharded(layer.experts) or any(
+                fsdp.is_dtensor(p) for p in layer.experts.parameters()) for _, layer in layers):
+            raise ValueError(f"{type(self).__name__}: the experts of an MoE layer are already in your own fully_shard "
+                             f"unit; with expert_parallel_size={ep} leave MoE expert banks out of it (the strategy "
+                             "shards them over the ranks holding the same experts)")
+        if fsdp_mode and first and not on_meta and world > 1:
+            self._broadcast(module)  # FSDP2 does not: ranks start from rank 0's model, as with DDP
         mesh = self.device_mesh
         for path, layer in layers:
             if layer.layer_name is None:
@@ -176,22 +172,80 @@ class MoEStrategy(DDPStrategy):
                     raise ValueError(f"{type(self).__name__}: layer {path!r} is sharded over {shard.ep_size} ranks "
                                      f"by an earlier run, expert_parallel_size={ep} now; use the same size")
                 continue
-            self._broadcast_experts(layer)
+            if not on_meta and not fsdp_mode:
+                self._broadcast(layer.experts)  # seeded meta init needs none: every rank draws its own experts
             if ep > 1:
-                shard_moe_layer(layer, path, mesh.get_local_rank("expert"), ep, self.expert_group)
+                shard = shard_moe_layer(layer, path, mesh.get_local_rank("expert"), ep, self.expert_group)
+                if fake.is_fake_backend():  # a dry run: the fake all-to-all returns no counts, mirror ours
+                    layer.expert_dispatcher = fake.FakeBackendDispatcher(shard, self.expert_group)
+        self._install_count_reduction()
+        if fsdp_mode:
+            self._setup_fsdp(trainer, on_meta and first)
+            return
+        if on_meta:
+            materialise(module, self._init_seed(), self.root_device)
         ignored = set(_compat.ddp_ignored_names(module)) | set(expert_state_names(module))
         _compat.set_ddp_ignored_names(module, sorted(ignored))
         if ep > 1:
             # Norm clipping must see the norm of the whole model, experts of every rank included.
             self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
+        self._pending_grads.clear()
+        self.precision_plugin.clip_gradients = self._clip_gradients  # manual optimization: reduce, then clip
+        self._hand_clip.install()
         super().setup(trainer)
 
-    def _broadcast_experts(self, layer) -> None:
-        # DDP broadcasts rank 0's dense weights; experts are outside DDP, so do the same for them.
+    @override
+    def configure_ddp(self) -> None:
+        # Expert names change after setup (magnitude pruning turns w1 into w1_orig + w1_mask, expert pruning
+        # replaces parameters): every (re-)wrap keeps the experts' current names out of DDP.
+        module = self.lightning_module
+        assert module is not None
+        _compat.set_ddp_ignored_names(module, sorted(set(_compat.ddp_ignored_names(module))
+                                                     | set(expert_state_names(module))))
+        super().configure_ddp()
+
+    def _install_count_reduction(self) -> None:
+        """Balancing losses of scope "global"/"sequence" sum their routing counts over the whole world.
+
+        Every rank trains on a different part of the batch (data x expert dims), so the sum spans the
+        default group; the layers know no group (see :mod:`lightning_moe.nn.reduce`). Removed in teardown.
+        """
+        module = self.lightning_module
+        if module is not None and self.world_size > 1:
+            install_count_reduction(module, dist.group.WORLD)
+
+    def _setup_fsdp(self, trainer: pl.Trainer, materialise_now: bool) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        assert module is not None
+        if not getattr(module, _SHARDED_BY_US, False):
+            self.precision_plugin.convert_module(module)  # before sharding: RouterPrecision keeps routers float32
+            fsdp.shard_model(module, self.world_mesh, self.device_mesh["data"])
+            setattr(module, _SHARDED_BY_US, True)
+            if fake.is_fake_backend():  # a dry run: all-gather buffers written, as a real backend writes them
+                for unit in module.modules():
+                    if fsdp.is_sharded(unit):
+                        unit.set_custom_all_gather(fake.WrittenAllGather())
+            if materialise_now:
+                materialise(module, self._init_seed(), self.root_device)
+        self.model = module
+        self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
+        if trainer.state.fn == TrainerFn.FITTING:
+            _compat.reset_optimizers(self)  # a new fit makes new optimizers over the same shards
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    def _init_seed(self) -> int:
+        # Every rank materialises with rank 0's seed (seed_everything makes it the same anyway).
+        return int(self.broadcast(torch.initial_seed() % (1 << 62)))
+
+    def _broadcast(self, module) -> None:
+        # DDP broadcasts rank 0's dense weights; experts are outside DDP (and FSDP2 broadcasts nothing).
         if self.world_size == 1:
             return
         with torch.no_grad():
-            for tensor in list(layer.experts.parameters()) + list(layer.experts.buffers()):
+            for tensor in list(module.parameters()) + list(module.buffers()):
                 full = tensor.detach().to(self.root_device)
                 dist.broadcast(full, src=0)
                 tensor.copy_(full)
@@ -199,19 +253,51 @@ class MoEStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         module = self.lightning_module
+        if self._data_parallel == "fsdp":
+            # The model stays sharded (no gather, no move to CPU): a later stage or save uses the shards.
+            self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+            if module is not None:
+                remove_count_reduction(module)
+                fsdp.reshard(module)
+            assert self.cluster_environment is not None and self.accelerator is not None
+            self.cluster_environment.teardown()
+            self.precision_plugin.teardown()
+            self.accelerator.teardown()
+            self.checkpoint_io.teardown()
+            return
         healthy = self._trainer is None or self._trainer.state.status != TrainerStatus.INTERRUPTED
+        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+        self.precision_plugin.__dict__.pop("clip_gradients", None)
+        self._hand_clip.uninstall()
+        if module is not None:
+            remove_count_reduction(module)  # the model may outlive the process group
         if module is not None and self._checkpoint == "full" and healthy and dist.is_initialized():
             layout = self._layout()
-            if layout.shards:
-                # Optimizers still hold per-rank expert states: remember how, for a save after fit.
-                self._released_layouts = {
-                    id(_unwrap(o)): OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers
-                }
+            if layout.shards and fitting:
+                # Optimizers still hold per-rank expert states: remember how, for a save after fit. Only
+                # fit's teardown: a later stage shards the model into new parameters the optimizers never saw.
+                optimizers = [unwrap_optimizer(o) for o in self.optimizers]
+                self._released_layouts = {id(o): OptimizerLayout(o, module, layout) for o in optimizers}
             # Give the caller (and the spawn launcher, which copies rank 0's weights) the whole model.
             for _, layer in find_moe_layers(module):
                 unshard_moe_layer(layer)
         super().teardown()
+
+    @override
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        if (not self._layout().shards and self._data_parallel != "fsdp") or self._trainer is None:
+            return
+        # Every expert-parallel batch is a collective of the expert group, and Lightning's predict sampler
+        # does not pad ranks to equal lengths: a rank with more batches would wait forever in its last ones.
+        batches = torch.tensor(float(sum(self._trainer.num_predict_batches)), device=self.root_device)
+        counts = [int(c) if c != float("inf") else c for c in self.all_gather(batches).reshape(-1).tolist()]
+        if len(set(counts)) > 1:
+            raise ValueError(f"{type(self).__name__}: predict got {counts} batches on ranks 0.. (in rank order); "
+                             "under expert parallelism every batch is an exchange between the ranks, so each rank "
+                             "must predict the same number of batches: pad the dataset to a multiple of "
+                             "world_size * batch_size or give every rank an equal-length dataloader")
 
     def _layout(self) -> ShardLayout:
         module = self.lightning_module
@@ -223,11 +309,56 @@ class MoEStrategy(DDPStrategy):
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
+        if self._data_parallel == "fsdp":
+            return  # FSDP reduce-scatters expert gradients itself (sum over data / world, see shard_model)
+        module = self.lightning_module
+        if module is not None and not module.automatic_optimization:
+            # manual_backward may run several times a step: reduce once, before the clip or the step.
+            self._pending_grads.mark(expert_parameters(module))
+            return
         if isinstance(self.model, DistributedDataParallel) and not self.model.require_backward_grad_sync:
             return  # accumulating: DDP does not sync this micro-batch either
         self.reduce_expert_gradients()
 
-    def reduce_expert_gradients(self) -> None:
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        self._reduce_pending(optimizer)
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    def _clip_gradients(self, optimizer: Optimizer, clip_val: float = 0.0, gradient_clip_algorithm: Any = None) -> None:
+        # Installed on the precision plugin: LightningModule.clip_gradients under manual optimization
+        # must clip reduced expert gradients.
+        self._reduce_pending(optimizer)
+        plugin = self.precision_plugin
+        args = (clip_val,) if gradient_clip_algorithm is None else (clip_val, gradient_clip_algorithm)
+        type(plugin).clip_gradients(plugin, optimizer, *args)
+
+    def _reduce_pending(self, optimizer: Optimizer) -> None:
+        self._reduce_pending_of([p for group in unwrap_optimizer(optimizer).param_groups for p in group["params"]])
+
+    def _reduce_pending_of(self, params: list[Tensor]) -> None:
+        module = self.lightning_module
+        assert module is not None
+        held = {id(p) for p in params}
+        pending = self._pending_grads.take([p for p in expert_parameters(module) if id(p) in held])
+        if pending:
+            self.reduce_expert_gradients(pending)
+
+    def _on_hand_clip(self, params: list[Tensor]) -> None:
+        # torch.nn.utils.clip_grad_norm_ called while set up (by the user, or by Lightning at ep=1).
+        module = self.lightning_module
+        if module is None or not any(id(p) in {id(q) for q in params} for p in expert_parameters(module)):
+            return
+        self._reduce_pending_of(params)  # manual optimization: clip reduced gradients
+        if self._layout().shards and not self._warned_hand_clip:
+            self._warned_hand_clip = True
+            rank_zero_warn(f"{type(self).__name__}: torch.nn.utils.clip_grad_norm_ called by hand sees only this "
+                           "rank's experts, so each rank scales its gradients by another factor and the dense "
+                           "replicas drift apart. Clip with Trainer(gradient_clip_val=..., "
+                           "gradient_clip_algorithm='norm') (or self.clip_gradients(...) under manual "
+                           "optimization): the strategy then clips by the norm of the whole model.")
+
+    def reduce_expert_gradients(self, params: list[Tensor] | None = None) -> None:
         """Turn each rank's expert gradients into those of single-process training on the global batch.
 
         After backward, a rank's expert gradient is the sum over the ranks of its expert group
@@ -236,8 +367,13 @@ class MoEStrategy(DDPStrategy):
         world size gives ``d(mean of the per-rank losses)/dW``, as for dense parameters. Runs after
         the last backward of an optimizer step, before gradient clipping and the step
         (:func:`lightning_moe.distributed.gradients.reduce_expert_gradients`).
+
+        Args:
+            params: the expert parameters to reduce (default: every trainable one); the same on every rank.
         """
-        params = [p for p in expert_parameters(self.lightning_module) if p.requires_grad]
+        module = self.lightning_module
+        assert module is not None
+        params = [p for p in (expert_parameters(module) if params is None else params) if p.requires_grad]
         if not params or self.world_size == 1:
             return
         gradients.reduce_expert_gradients(params, self.expert_data_group, self.world_size, self.root_device)
@@ -250,8 +386,13 @@ class MoEStrategy(DDPStrategy):
         Installed on the precision plugin when experts are sharded (Lightning's ``gradient_clip_val``
         with ``gradient_clip_algorithm="norm"``). Dense gradients are identical on every rank after DDP;
         expert gradients are summed over the expert group, which holds each expert exactly once
-        (:func:`lightning_moe.distributed.gradients.clip_grad_norm`).
+        (:func:`lightning_moe.distributed.gradients.clip_grad_norm`). With ``data_parallel="fsdp"`` every element
+        of every gradient lives on one rank: one all-reduce of local squared norms
+        (:func:`lightning_moe.distributed.fsdp.clip_grad_norm_`).
         """
+        if self._data_parallel == "fsdp":
+            fsdp.clip_grad_norm_(self.precision_plugin.main_params(optimizer), clip_val, self.root_device)
+            return
         gradients.clip_grad_norm(self.precision_plugin.main_params(optimizer), expert_parameters(self.lightning_module),
                                  clip_val, self.expert_group, self.root_device)
 
@@ -260,85 +401,6 @@ class MoEStrategy(DDPStrategy):
         # groups, so make every rank see non-finite values when any rank has them.
         module = self.lightning_module
         gradients.agree_on_nonfinite(params, self.root_device, module.parameters() if module is not None else ())
-
-    # ------------------------------------------------------------------------------------------
-    # Checkpoints
-
-    def _gather_args(self) -> tuple[dist.ProcessGroup, bool, bool]:
-        # The expert group holding global rank 0 gathers to it; other groups keep their shards.
-        group = self.expert_group
-        return group, self.global_rank < self.expert_parallel_size, self.global_rank == 0
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        module = self.lightning_module
-        state = module.state_dict()
-        layout = self._layout()
-        if not layout.shards:
-            return state
-        if self._checkpoint == "sharded":
-            return sharded_checkpoint.sharded_model_state(state, layout, self.device_mesh)
-        group, member, is_dst = self._gather_args()
-        return full_checkpoint.gather_model_state(state, layout, group, is_dst, self.root_device) if member else state
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        optimizer = _unwrap(optimizer)
-        layout = self._layout()
-        if self._checkpoint == "sharded":
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
-            return sharded_checkpoint.sharded_optimizer_state(optimizer, olayout, self._device_mesh)
-        if layout.shards:
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
-        elif id(optimizer) in self._released_layouts:  # saved after fit: the model is whole again, the optimizer not
-            olayout = self._released_layouts[id(optimizer)]
-        else:
-            return optimizer.state_dict()
-        group, member, is_dst = self._gather_args()
-        if not member:
-            return optimizer.state_dict()
-        return full_checkpoint.gather_optimizer_state(optimizer, olayout, group, is_dst, self.root_device)
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _compat.PATH,
-                        storage_options: Any | None = None) -> None:
-        if self._checkpoint == "full":
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__}(checkpoint='sharded') writes with torch.distributed.checkpoint "
-                            "and takes no storage_options")
-        path = Path(self.broadcast(str(filepath)))
-        if self.is_global_zero and path.is_file():
-            path.unlink()
-        self.barrier()
-        sharded_checkpoint.save_sharded(checkpoint, path, self.is_global_zero)
-        self.barrier()
-
-    @override
-    def load_checkpoint(self, checkpoint_path: _compat.PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(self.broadcast(str(checkpoint_path)))
-        if not sharded_checkpoint.is_sharded_checkpoint(path):
-            return super().load_checkpoint(path, weights_only=weights_only)
-        module = self.lightning_module
-        layout = self._layout()
-        olayouts = [OptimizerLayout(_unwrap(o), module, layout) for o in self.optimizers]
-        return sharded_checkpoint.load_sharded(path, module.state_dict(), olayouts, layout, self._device_mesh,
-                                               weights_only)
-
-    @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        module = self.lightning_module
-        state = local_model_state(checkpoint["state_dict"], module.state_dict(), self._layout())
-        module.load_state_dict(state, strict=strict)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        layout = self._layout()
-        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            optimizer = _unwrap(optimizer)
-            olayout = OptimizerLayout(optimizer, self.lightning_module, layout)
-            optimizer.load_state_dict(local_optimizer_state(saved, olayout))
-            _compat.optimizer_to_device(optimizer, self.root_device)
 
     @classmethod
     @override
@@ -349,10 +411,9 @@ class MoEStrategy(DDPStrategy):
                     name, cls, description=f"Expert-parallel MoE strategy with start_method={start_method!r}",
                     start_method=start_method,
                 )
-
-
-def _unwrap(optimizer: Optimizer) -> Optimizer:
-    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        if "moe_fsdp" not in strategy_registry:
+            strategy_registry.register("moe_fsdp", cls, description="Expert parallelism with FSDP2 for everything else",
+                                       data_parallel="fsdp")
 
 
 MoEStrategy.register_strategies(StrategyRegistry)

@@ -380,3 +380,14 @@ def test_compression_callbacks_under_expert_parallelism(tmp_path):
             assert row["test_loss"] == pytest.approx(row["expected"], rel=1e-5)
         # the compressed shard held 4 experts: half the single-process report's elements
         assert result["int8"]["local_report"] == 4 * (2 * DIM * 64 + 64 + DIM)
+
+
+@pytest.mark.parametrize("compress", ["quantize", "low_rank"])
+def test_compression_refuses_gpt_oss_swiglu(compress):
+    # GPT-OSS's clamped SwiGLU (with its up-projection bias) is not what the compressed banks compute:
+    # refuse instead of silently gating with plain SiLU.
+    from lightning_moe.compress import low_rank_experts, quantize_experts
+
+    model = nn.Sequential(MoE(dim=16, num_experts=4, hidden_dim=32, activation="swiglu_oai", bias=True))
+    with pytest.raises(ValueError, match="activation='swiglu_oai' are not supported"):
+        quantize_experts(model) if compress == "quantize" else low_rank_experts(model, rank=4)

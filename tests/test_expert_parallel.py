@@ -170,10 +170,10 @@ def test_dispatcher_matches_whole_layer(collective_results, case):
 
 
 def test_expert_major_order_matches_loop():
-    counts_SL = torch.tensor([[2, 0, 1], [1, 3, 0], [0, 1, 2]])
-    order = expert_major_order(counts_SL, int(counts_SL.sum()))
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts_SL.reshape(-1).cumsum(0)[:-1]]).view(3, 3)
-    expected = [int(starts[s, e]) + i for e in range(3) for s in range(3) for i in range(int(counts_SL[s, e]))]
+    counts_PL = torch.tensor([[2, 0, 1], [1, 3, 0], [0, 1, 2]])
+    order = expert_major_order(counts_PL, int(counts_PL.sum()))
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts_PL.reshape(-1).cumsum(0)[:-1]]).view(3, 3)
+    expected = [int(starts[s, e]) + i for e in range(3) for s in range(3) for i in range(int(counts_PL[s, e]))]
     assert order.tolist() == expected
 
 

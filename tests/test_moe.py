@@ -375,14 +375,14 @@ def test_a_dispatcher_must_implement_the_protocol():
 
 def test_dispatch_plan_splits_counts_by_rank_and_local_expert():
     # 2 ranks, 2 local experts each; this rank sends [1, 2 | 3, 0] and receives [4, 0] from rank 0, [1, 5] from 1.
-    received_SL = torch.tensor([[4, 0], [1, 5]])
-    plan = DispatchPlan.from_counts([1, 2, 3, 0], received_SL.reshape(-1).tolist(), received_SL)
+    received_PL = torch.tensor([[4, 0], [1, 5]])
+    plan = DispatchPlan.from_counts([1, 2, 3, 0], received_PL.reshape(-1).tolist(), received_PL)
     assert plan.send_counts == (1, 2, 3, 0)
     assert plan.input_splits == (3, 3) and plan.output_splits == (4, 6)
     assert plan.local_counts == (5, 5)
     assert (plan.num_sent, plan.num_received) == (6, 10)
     with pytest.raises(ValueError, match="one count per expert"):
-        DispatchPlan.from_counts([1, 2, 3], [4, 0, 1, 5], received_SL)
+        DispatchPlan.from_counts([1, 2, 3], [4, 0, 1, 5], received_PL)
 
 
 @pytest.mark.parametrize("router, per_token", [("token_choice", 2), ("expert_choice", 1)])

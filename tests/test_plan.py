@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -282,3 +283,34 @@ def test_cli_table_and_errors(capsys):
     assert "--layers" in capsys.readouterr().err
     assert main(["--list-presets"]) == 0
     assert "trillion" in capsys.readouterr().out
+
+
+def test_tensor_shapes_are_the_built_transformers():
+    from lightning_moe.models import build_model
+    from lightning_moe.plan import tensor_shapes
+
+    for arch in (PRESETS["trillion"], PRESETS["mixtral-8x7b"],
+                 Architecture(3, 32, 4, 64, 16, 8, 2, ffn_hidden=48, shared_experts=2, dense_layers=1,
+                              activation="gelu", tie_embeddings=True)):
+        shapes = tensor_shapes(arch)
+        assert [(n, s) for n, s, _ in shapes] == [(n, tuple(p.shape)) for n, p in build_model(arch).named_parameters()]
+        assert {n for n, _, routed in shapes if routed} == {n for n, _, _ in shapes if ".ffn.experts." in n}
+
+
+def test_fsdp_sharding_splits_every_tensor_over_the_ranks():
+    from lightning_moe.plan import fsdp_shard_numel
+
+    for shape, world in (((10, 3), 4), ((3, 8), 4), ((1, 8, 5), 4), ((7,), 16), ((1, 6, 5), 4)):
+        parts = [fsdp_shard_numel(shape, world, r) for r in range(world)]
+        assert sum(parts) == math.prod(shape) and parts[0] == max(parts), (shape, parts)
+    assert [fsdp_shard_numel((1, 8, 5), 4, r) for r in range(4)] == [10] * 4  # a stacked shared expert: dim 1
+    arch = Architecture(3, 32, 4, 64, 16, 8, 2, ffn_hidden=48, shared_experts=1, dense_layers=1)
+    layout = Layout(gpus=8, gpu_memory=GIB, ep=2, dense_sharding="fsdp", expert_sharding="fsdp")
+    shares = [params_per_rank(arch, layout, rank=r) for r in range(8)]
+    counts = count_params(arch)
+    assert sum(s.dense_stored for s in shares) == counts.total - counts.routed_experts
+    assert {s.expert_stored for s in shares} == {counts.routed_experts // 8}  # 4 experts / 4 data ranks, exact
+    assert plan(arch, layout).gather_bytes > 0 and plan(arch, dataclasses.replace(layout, dense_sharding="full")
+                                                         ).gather_bytes == 0
+    with pytest.raises(ValueError, match="dp=3 must divide dim or expert_hidden"):
+        params_per_rank(arch, Layout(gpus=6, gpu_memory=GIB, ep=2, expert_sharding="fsdp"))

@@ -5,8 +5,8 @@ popen launcher would re-run pytest in the child ranks). One launch trains severa
 and writes state dicts and a JSON of observations; the single-process reference is computed here
 (``ep_models.reference_train``: plain PyTorch on the same global batches).
 
-Aux and z losses are off in the equivalence models: each rank computes them on its own tokens,
-which is not the global-batch value (the task loss is a mean, so its gradients do match).
+Aux and z losses are off in these equivalence models; ``tests/test_balance.py`` runs the same
+equivalence (``ep_train.py aux``) with the default coefficients and loss scope.
 """
 
 from __future__ import annotations

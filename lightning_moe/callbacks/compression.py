@@ -18,6 +18,7 @@ from lightning_moe.compress import (
     CompressionReport,
     LowRankGroupedExperts,
     QuantizedGroupedExperts,
+    energy_ranks,
     low_rank_experts,
     quantize_experts,
 )
@@ -149,6 +150,10 @@ class LowRankExperts(_CompressExperts):
     Raises:
         ValueError: for ``rank < 1``, ``energy`` outside (0, 1] or an unknown ``apply_on``.
 
+    In a job of several processes with ``rank=None``, the processes first agree on each weight's rank
+    (the largest any of them picks by ``energy``, as one process holding every expert would pick),
+    so every shard factors to the same shapes and gathers (:func:`agree_on_ranks`).
+
     Example:
         >>> trainer = pl.Trainer(callbacks=[LowRankExperts(energy=0.95)])  # doctest: +SKIP
     """
@@ -166,4 +171,26 @@ class LowRankExperts(_CompressExperts):
         self.include_shared = include_shared
 
     def compress(self, module: nn.Module) -> CompressionReport:
-        return low_rank_experts(module, self.rank, self.energy, self.include_shared)
+        ranks = None
+        if self.rank is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = agree_on_ranks(energy_ranks(module, self.energy, self.include_shared))
+        return low_rank_experts(module, self.rank, self.energy, self.include_shared, ranks)
+
+
+def agree_on_ranks(ranks: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The largest of each rank over all processes (a collective: every process passes the same banks and weights).
+
+    Under expert parallelism each process factors the experts it holds: with ranks picked by energy, each
+    would pick its own and the shards would not gather (and a weight one process keeps dense another
+    factors). The largest rank keeps at least ``energy`` of every expert's weight, as one process would.
+    """
+    keys = [(path, name) for path in sorted(ranks) for name in sorted(ranks[path])]
+    if not keys:
+        return {}
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    values = torch.tensor([ranks[path][name] for path, name in keys], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    out: dict[str, dict[str, int]] = {}
+    for (path, name), value in zip(keys, values.tolist(), strict=True):
+        out.setdefault(path, {})[name] = int(value)
+    return out

@@ -5,7 +5,7 @@ Between renders it only adds the counts the layers already keep (``tokens_per_ex
 path. A render sums the accumulators over processes (one all-reduce), draws on rank 0 with
 matplotlib (Agg canvas, no display) and sends the picture to the trainer's loggers.
 
-Shape legend: L MoE layers, E experts.
+Shape legend (the package's, see :mod:`lightning_moe.nn`): Y MoE layers, E experts.
 """
 
 from __future__ import annotations
@@ -92,10 +92,12 @@ class ExpertLoadMonitor(Callback):
     def _reset(self, layers: list[tuple[str, MoE]]) -> None:
         self._layers = layers
         self._seen: list[int] = [layer.forward_count for _, layer in layers]
+        self._sizes = [layer.num_experts for _, layer in layers]  # E_l of the window (pruning changes them)
         self._counts: Tensor | None = None  # [sum_l E_l] token->expert assignments per expert
         self._dropped: Tensor | None = None  # [L]
         self._assignments: Tensor | None = None  # [L]
         self._batches = 0
+        self._window_step = 0  # global step after the last counted batch
         self._last_step = -1
 
     def __getstate__(self) -> dict:
@@ -113,6 +115,16 @@ class ExpertLoadMonitor(Callback):
     ) -> None:
         if not self._layers:
             return
+        if [layer.num_experts for _, layer in self._layers] != self._sizes:
+            # Experts were removed (ExpertPruning) since the last batch: draw the window so far with the
+            # experts it counted, then count the layers at their new size, this batch included.
+            before, seen = [layer for _, layer in self._layers], self._seen
+            if self._batches and self._counts is not None:
+                self._render(trainer, pl_module, self._window_step)
+            else:
+                self._reset(find_moe_layers(pl_module))
+            if [id(layer) for layer in before] == [id(layer) for _, layer in self._layers]:
+                self._seen = seen
         # A layer counts when it ran since the last batch.
         ran = [layer.forward_count != seen for (_, layer), seen in zip(self._layers, self._seen, strict=True)]
         self._seen = [layer.forward_count for _, layer in self._layers]
@@ -126,7 +138,7 @@ class ExpertLoadMonitor(Callback):
             self._dropped += dropped
             self._assignments += assignments
         self._batches += 1
-        step = trainer.global_step
+        step = self._window_step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._render(trainer, pl_module, step)
 
@@ -137,7 +149,7 @@ class ExpertLoadMonitor(Callback):
     # -- rendering -------------------------------------------------------------------------------
 
     def _render(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        layers = self._layers
+        layers, sizes = self._layers, self._sizes
         state = torch.cat([self._counts, self._dropped, self._assignments])
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.all_reduce(state, op=dist.ReduceOp.SUM)
@@ -151,12 +163,11 @@ class ExpertLoadMonitor(Callback):
         self._last_step = step
         if not trainer.is_global_zero:
             return
-        sizes = [layer.num_experts for _, layer in layers]
-        counts_L = [c.cpu() for c in state[: sum(sizes)].split(sizes)]
-        dropped_L = state[sum(sizes): sum(sizes) + len(layers)].cpu()
-        assignments_L = state[sum(sizes) + len(layers):].cpu()
+        counts_Y = [c.cpu() for c in state[: sum(sizes)].split(sizes)]
+        dropped_Y = state[sum(sizes): sum(sizes) + len(layers)].cpu()
+        assignments_Y = state[sum(sizes) + len(layers):].cpu()
         image = self.render(
-            [name for name, _ in layers], counts_L, dropped_L.double() / assignments_L.clamp_min(1).double(), step
+            [name for name, _ in layers], counts_Y, dropped_Y.double() / assignments_Y.clamp_min(1).double(), step
         )
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -188,21 +199,21 @@ class ExpertLoadMonitor(Callback):
         from matplotlib.figure import Figure
 
         num_layers, max_experts = len(counts), max(int(c.numel()) for c in counts)
-        share_LE = np.full((num_layers, max_experts), np.nan)
+        share_YE = np.full((num_layers, max_experts), np.nan)
         for i, c in enumerate(counts):  # once per render, not per step
             c = c.double()
-            share_LE[i, : c.numel()] = (c / c.sum().clamp_min(1)).numpy()
+            share_YE[i, : c.numel()] = (c / c.sum().clamp_min(1)).numpy()
         figsize = self.figsize or (min(5.0 + 0.4 * max_experts, 24.0), min(2.0 + 0.4 * num_layers, 24.0))
         fig = Figure(figsize=figsize, dpi=self.dpi, layout="constrained")
         canvas = FigureCanvasAgg(fig)
         ax, side = fig.subplots(1, 2, sharey=True, width_ratios=(4, 1))
-        heat = ax.imshow(share_LE, aspect="auto", cmap=self.cmap, vmin=0.0, interpolation="nearest")
+        heat = ax.imshow(share_YE, aspect="auto", cmap=self.cmap, vmin=0.0, interpolation="nearest")
         ax.set_yticks(range(num_layers), labels=[n[-24:] for n in names], fontsize=7)
         ax.set_xlabel("expert", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.set_title(f"share of tokens per expert, step {step}", fontsize=9)
         if max_experts * num_layers <= 128:  # numbers in the cells while they fit
-            for (i, e), share in np.ndenumerate(share_LE):
+            for (i, e), share in np.ndenumerate(share_YE):
                 if not np.isnan(share):
                     ax.text(e, i, f"{100 * share:.0f}", ha="center", va="center", fontsize=6, color="w")
         fig.colorbar(heat, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=7)

@@ -5,7 +5,7 @@
 * :class:`ExpertMagnitudePruning` is Lightning's :class:`~lightning.pytorch.callbacks.ModelPruning`
   restricted to expert weights, with a per-expert hidden-neuron (structured) mode.
 
-Shape legend: E experts (global), D model width, H expert hidden width, K kept experts.
+Shape legend: E experts (global), D model width, H expert hidden width, J kept experts, Y MoE layers.
 """
 
 from __future__ import annotations
@@ -128,21 +128,21 @@ class ExpertPruning(Callback):
                 )
         if not layers:
             return {}
-        counts_LE = [self.counts.get(name, torch.zeros_like(layer.tokens_per_expert)) for name, layer in layers]
-        flat = torch.cat([c.to(layers[0][1].tokens_per_expert.device) for c in counts_LE]).double()
+        counts_YE = [self.counts.get(name, torch.zeros_like(layer.tokens_per_expert)) for name, layer in layers]
+        flat = torch.cat([c.to(layers[0][1].tokens_per_expert.device) for c in counts_YE]).double()
         flat = trainer.strategy.reduce(flat, reduce_op="sum")  # every rank prunes the same experts
         remap: Remap = {}
         offset = 0
         for name, layer in layers:
             counts_E = flat[offset:offset + layer.num_experts]
             offset += layer.num_experts
-            keep_K, notes = choose_experts(counts_E, self.keep, self.min_share, layer.top_k, ep)
+            keep_J, notes = choose_experts(counts_E, self.keep, self.min_share, layer.top_k, ep)
             for note in notes:
                 rank_zero_warn(f"{type(self).__name__}: layer {name!r}: {note}")
             before = layer.num_experts
-            remap.update(prune_experts(layer, name, keep_K, trainer.optimizers))
-            self.kept[name] = keep_K.tolist()
-            share = counts_E[keep_K.to(counts_E.device)].sum() / counts_E.sum().clamp_min(1)
+            remap.update(prune_experts(layer, name, keep_J, trainer.optimizers))
+            self.kept[name] = keep_J.tolist()
+            share = counts_E[keep_J.to(counts_E.device)].sum() / counts_E.sum().clamp_min(1)
             rank_zero_info(f"{type(self).__name__}: layer {name!r}: {before} -> {layer.num_experts} experts, "
                            f"kept {float(share):.1%} of the routed assignments")
         if remap:

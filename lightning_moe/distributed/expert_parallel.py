@@ -17,9 +17,9 @@ exchange's backward there as on its peers, and returned rows have the dtype ever
 the same information (:func:`~lightning_moe.nn.dispatch.expert_output_dtype`), not from whether its
 experts ran.
 
-Shape legend (the package's, see :mod:`lightning_moe.nn.functional`): M rows this rank sends (its kept
-assignments), R rows it receives, D model width, E global experts, P EP group size, L = E/P local experts,
-S source ranks (= P).
+Shape legend (the package's, see :mod:`lightning_moe.nn`): M rows this rank sends (its kept
+assignments), R rows it receives, D model width, E global experts, P EP group size (also
+the index of the source rank of received rows), L = E/P local experts.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from lightning_moe.nn.dispatch import DispatchPlan, expert_output_dtype
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
 from lightning_moe.nn.moe import MoE, find_moe_layers
 
-GROUPED_PARAMS = ("w1", "w2", "w3", "b1", "b2")
+GROUPED_PARAMS = ("w1", "w2", "w3", "b1", "b2", "b3")
 # Per-forward routing stats of the layer: rank-local values, never broadcast by DDP.
-STAT_BUFFERS = ("tokens_per_expert", "dropped_tokens", "routed_tokens", "router_entropy")
+STAT_BUFFERS = ("tokens_per_expert", "dropped_tokens", "routed_tokens", "router_entropy", "global_tokens_per_expert")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class ShardedDispatcher(abc.ABC):
 
     @abc.abstractmethod
     def exchange_counts(self, send_counts_E: Tensor) -> Tensor:
-        """Chunk ``r`` of ``send_counts_E`` (``L`` counts) goes to rank ``r``; returns ``[S * L]``, chunk ``s``
+        """Chunk ``r`` of ``send_counts_E`` (``L`` counts) goes to rank ``r``; returns ``[P * L]``, chunk ``s``
         from source ``s`` (device tensor, no autograd)."""
 
     @abc.abstractmethod
@@ -117,15 +117,15 @@ class ShardedDispatcher(abc.ABC):
             raise ValueError(f"{type(self).__name__}: got counts for {kept_counts_E.numel()} experts, the shard "
                              f"has {P * L}; install it on the layer it was built for")
         send_E = kept_counts_E.long()
-        recv_counts_SL = self.exchange_counts(send_E).view(P, L)
+        recv_counts_PL = self.exchange_counts(send_E).view(P, L)
         # NOTE: the one host sync of an EP layer: split sizes and expert GEMMs need the counts, so
         # sent and received counts come to the host together (received only, when sent are known).
         if host_counts is None:
-            counts = torch.cat([send_E, recv_counts_SL.reshape(-1)]).tolist()
+            counts = torch.cat([send_E, recv_counts_PL.reshape(-1)]).tolist()
             send, recv = counts[: P * L], counts[P * L:]
         else:
-            send, recv = list(host_counts), recv_counts_SL.reshape(-1).tolist()
-        return DispatchPlan.from_counts(send, recv, recv_counts_SL)
+            send, recv = list(host_counts), recv_counts_PL.reshape(-1).tolist()
+        return DispatchPlan.from_counts(send, recv, recv_counts_PL)
 
     def __call__(self, x_MD: Tensor, plan: DispatchPlan, experts: nn.Module) -> Tensor:
         """Steps 2-4: rows out, local experts, rows back; ``y_MD`` in ``x_MD``'s order."""
@@ -133,7 +133,7 @@ class ShardedDispatcher(abc.ABC):
         # 2. rows to the ranks holding their experts; received rows are source-major.
         x_RD = self.exchange_rows(x_MD, plan.output_splits, plan.input_splits)
         # 3. regroup by local expert and run the local experts.
-        order_R = expert_major_order(plan.received_counts_SL, plan.num_received)
+        order_R = expert_major_order(plan.received_counts_PL, plan.num_received)
         x_RD = x_RD[order_R]
         y_RD = experts(x_RD, plan.local_counts).to(dtype)
         if plan.num_received == 0:
@@ -175,26 +175,26 @@ class ExpertParallelDispatcher(ShardedDispatcher):
                 f"ep={s.ep_size})")
 
 
-def expert_major_order(counts_SL: Tensor, total: int) -> Tensor:
+def expert_major_order(counts_PL: Tensor, total: int) -> Tensor:
     """Permutation that regroups source-major rows by local expert.
 
     Rows arrive as blocks ``(s, e)`` ordered by source ``s`` then local expert ``e``; the result
     ``order`` lists row indices so that ``x[order]`` holds blocks ordered by ``e`` then ``s``.
 
     Args:
-        counts_SL: rows per (source rank, local expert).
-        total: ``counts_SL.sum()`` known on the host (avoids a sync).
+        counts_PL: rows per (source rank, local expert).
+        total: ``counts_PL.sum()`` known on the host (avoids a sync).
 
     Returns:
-        LongTensor ``[total]`` on ``counts_SL``'s device.
+        LongTensor ``[total]`` on ``counts_PL``'s device.
     """
-    flat_SL = counts_SL.reshape(-1)
-    start_SL = (flat_SL.cumsum(0) - flat_SL).view_as(counts_SL)  # where block (s, e) starts in the input
-    count_LS = counts_SL.t().reshape(-1)
-    start_LS = start_SL.t().reshape(-1)
-    out_start_LS = count_LS.cumsum(0) - count_LS  # where block (e, s) starts in the output
-    shift = torch.repeat_interleave(start_LS - out_start_LS, count_LS, output_size=total)
-    return shift + torch.arange(total, device=counts_SL.device)
+    flat_PL = counts_PL.reshape(-1)
+    start_PL = (flat_PL.cumsum(0) - flat_PL).view_as(counts_PL)  # where block (s, e) starts in the input
+    count_LP = counts_PL.t().reshape(-1)
+    start_LP = start_PL.t().reshape(-1)
+    out_start_LP = count_LP.cumsum(0) - count_LP  # where block (e, s) starts in the output
+    shift = torch.repeat_interleave(start_LP - out_start_LP, count_LP, output_size=total)
+    return shift + torch.arange(total, device=counts_PL.device)
 
 
 def check_expert_parallel_size(layers: list[tuple[str, MoE]], ep_size: int, world_size: int, owner: str) -> None:

@@ -17,7 +17,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_moe.distributed.gather import gather_experts
-from lightning_moe.distributed.shard_layout import DENSE, GROUPED, TEMPLATE, OptimizerLayout, ShardLayout
+from lightning_moe.distributed.shard_layout import (
+    DENSE,
+    GROUPED,
+    TEMPLATE,
+    OptimizerLayout,
+    ShardLayout,
+    is_per_expert,
+)
 
 
 def _gather(tensor: Tensor, kind: str, group: dist.ProcessGroup, device: torch.device) -> list[Tensor] | None:
@@ -82,18 +89,48 @@ def gather_model_state(state: Mapping[str, Tensor], layout: ShardLayout, group: 
     return out
 
 
-def _signature(state: Mapping[int, Mapping[str, Any]], olayout: OptimizerLayout) -> list:
-    sig = []
+# What a rank holds of one parameter's optimizer state, exchanged before any tensor travels: None when
+# it holds none; else per key ("tensor", shape, dtype, value of a 0-dim tensor) or ("value", the value).
+_Description = dict[str, tuple] | None
+
+
+def _describe(state: Mapping[int, Mapping[str, Any]], olayout: OptimizerLayout) -> dict[int, _Description]:
+    out: dict[int, _Description] = {}
     for idx, name in enumerate(olayout.local_names):
-        if olayout.layout.classify(name)[0] != DENSE:
-            st = state.get(idx, {})
-            sig.append((idx, sorted((k, tuple(v.shape) if isinstance(v, Tensor) else None) for k, v in st.items())))
-    return sig
+        if olayout.layout.classify(name)[0] == DENSE:
+            continue
+        if idx not in state:
+            out[idx] = None
+            continue
+        out[idx] = {k: ("tensor", tuple(v.shape), v.dtype, v.item() if v.ndim == 0 else None)
+                    if isinstance(v, Tensor) else ("value", v) for k, v in state[idx].items()}
+    return out
+
+
+def _agreed_keys(name: str, held: list[dict[str, tuple]]) -> dict[str, tuple]:
+    """The keys and kinds/shapes/dtypes the ranks holding state agree on (they must: one optimizer, one model)."""
+    shape_of = [{k: d[:3] if d[0] == "tensor" else d[:1] for k, d in h.items()} for h in held]
+    if any(s != shape_of[0] for s in shape_of):
+        raise RuntimeError(f"gather_optimizer_state: the optimizer state of {name!r} has different keys or shapes on "
+                           f"the ranks of its expert-parallel group ({shape_of}); every rank must step the same "
+                           "optimizer over its experts")
+    return held[0]
 
 
 def gather_optimizer_state(optimizer: Optimizer, olayout: OptimizerLayout, group: dist.ProcessGroup,
                            is_dst: bool, device: torch.device) -> dict[str, Any]:
     """The optimizer state of the unsharded model, complete on the group's rank 0; collective over ``group``.
+
+    First every rank describes what it holds (which expert parameters have state, and each state's
+    keys, shapes and non-tensor values: one object all-gather), so that every rank then takes part in
+    the same gathers, whatever it holds:
+
+    * stacked experts (one parameter ``[L, ...]`` per rank): every tensor state whose first dim is
+      the local expert count (``exp_avg``, Adafactor's factored ``row_var [L, D, 1]``, ...) is
+      gathered along it; other states (Adam's ``step``) must be equal on every rank;
+    * per-module (template) experts: every state of every expert, each from its owner; an expert
+      without state on its rank (no token reached it, so the optimizer never stepped it) has none
+      in the result either, as in single-process training. Absent ranks send zeros of the agreed shape.
 
     Args:
         optimizer: this rank's optimizer.
@@ -107,50 +144,68 @@ def gather_optimizer_state(optimizer: Optimizer, olayout: OptimizerLayout, group
         ``optimizer.state_dict()`` of the unsharded model would be; elsewhere the local state dict.
 
     Raises:
-        RuntimeError: if ranks of the group hold different optimizer-state structures (which would
-            make the gathers mismatch).
+        RuntimeError: if ranks of the group hold optimizer states of different structure for the same
+            parameter, or stacked experts whose state exists or differs (``step``) on only some ranks:
+            neither has a place in the unsharded model's optimizer state.
     """
     local = optimizer.state_dict()
     state = local["state"]
-    signatures = [None] * dist.get_world_size(group)
-    dist.all_gather_object(signatures, _signature(state, olayout), group=group)
-    if any(s != signatures[0] for s in signatures):
-        raise RuntimeError("gather_optimizer_state: expert optimizer states differ in structure between the ranks of "
-                           "an expert-parallel group; every rank must step the same optimizer over its experts")
+    described: list[dict[int, _Description]] = [{} for _ in range(dist.get_world_size(group))]
+    dist.all_gather_object(described, _describe(state, olayout), group=group)
     layout = olayout.layout
     out_state: dict[int, dict[str, Any]] = {}
     for idx, name in enumerate(olayout.local_names):
-        if idx not in state:
-            continue
         kind, shard, i, rest = layout.classify(name)
         if kind == DENSE:
-            if is_dst:
+            if is_dst and idx in state:
                 out_state[olayout.logical_index[name]] = state[idx]
             continue
-        param = olayout.params[idx]
-        full: dict[str, Any] = {}  # GROUPED: the state of every expert
-        per_expert: list[dict[str, Any]] = [{} for _ in range(shard.ep_size)]  # TEMPLATE: each rank's expert i
-        for key in sorted(state[idx]):
-            value = state[idx][key]
-            if isinstance(value, Tensor) and value.shape == param.shape:
-                parts = _gather(value, kind, group, device)
-                if parts is None:
-                    continue
-            else:  # a scalar (Adam's step) or a value of another shape: rank 0's
-                parts = [value] * (1 if kind == GROUPED else shard.ep_size)
-            if kind == GROUPED:
-                full[key] = parts[0]
-            else:
-                for r, part in enumerate(parts):
-                    per_expert[r][key] = part
-        if not is_dst:
-            continue
+        per_rank = [d[idx] for d in described]
+        held = [h for h in per_rank if h is not None]
+        if not held:
+            continue  # no rank has state for it
+        keys = _agreed_keys(name, held)
         if kind == GROUPED:
-            out_state[olayout.logical_index[name]] = full
-        else:
-            for r in range(shard.ep_size):
-                logical = layout.template_name(shard, r * shard.num_local + i, rest)
-                out_state[olayout.logical_index[logical]] = per_expert[r]
+            _check_stacked(name, per_rank)
+            full: dict[str, Any] = {}
+            for key, desc in sorted(keys.items()):
+                value = state[idx][key]
+                if desc[0] == "tensor" and is_per_expert(value, shard.num_local):
+                    parts = _gather(value, GROUPED, group, device)
+                    if parts is not None:
+                        full[key] = parts[0]
+                else:
+                    full[key] = value
+            if is_dst:
+                out_state[olayout.logical_index[name]] = full
+            continue
+        per_expert: list[dict[str, Any]] = [{} for _ in per_rank]  # TEMPLATE: each rank's expert i
+        for key, desc in sorted(keys.items()):
+            if desc[0] == "tensor":
+                mine = state[idx][key] if idx in state else torch.zeros(desc[1], dtype=desc[2])
+                parts = _gather(mine, TEMPLATE, group, device)
+            else:
+                parts = [h[key][1] if h is not None else None for h in per_rank]
+            for r, part in enumerate(parts or []):
+                per_expert[r][key] = part
+        if is_dst:
+            for r, h in enumerate(per_rank):
+                if h is not None:  # an expert its rank never stepped keeps no state
+                    logical = layout.template_name(shard, r * shard.num_local + i, rest)
+                    out_state[olayout.logical_index[logical]] = per_expert[r]
     if not is_dst:
         return local
     return {"state": dict(sorted(out_state.items())), "param_groups": olayout.param_groups(local["param_groups"])}
+
+
+def _check_stacked(name: str, per_rank: list[_Description]) -> None:
+    # One stacked parameter holds every expert in the unsharded model: one state, one step.
+    if any(h is None for h in per_rank):
+        raise RuntimeError(f"gather_optimizer_state: stacked experts {name!r} have optimizer state on some ranks of "
+                           "their expert-parallel group only; the unsharded model holds them in one parameter")
+    scalars = [{k: d for k, d in h.items() if d[0] == "value" or (d[0] == "tensor" and d[3] is not None)}
+               for h in per_rank if h is not None]
+    if any(s != scalars[0] for s in scalars):
+        raise RuntimeError(f"gather_optimizer_state: stacked experts {name!r} have different scalar optimizer "
+                           f"states on the ranks of their expert-parallel group ({scalars}); the unsharded model "
+                           "holds them in one parameter with one state")

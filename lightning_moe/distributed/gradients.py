@@ -10,7 +10,9 @@ strategy owns the groups and calls these after the last backward of an optimizer
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -107,6 +109,70 @@ def agree_on_nonfinite(params: Sequence[Tensor], device: torch.device, fallback:
         target = params[0] if params else next((p for p in fallback if p.grad is not None), None)
         if target is not None and target.grad is not None:
             target.grad.fill_(float("nan"))
+
+
+class PendingReduction:
+    """Expert parameters whose gradients changed since their last reduction (manual optimization).
+
+    Reducing after every ``manual_backward`` would rescale the contributions of earlier backward calls
+    of the same step again (the reduction divides by the world size). The strategy marks parameters
+    after each backward and :meth:`take` hands those of one optimizer over right before it clips or
+    steps, so each optimizer step reduces exactly once. Every rank marks and takes in the same order.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[int, Tensor] = {}  # id -> parameter, in marking order
+
+    def mark(self, params: Iterable[Tensor]) -> None:
+        """Remember ``params`` as holding unreduced gradient contributions."""
+        for p in params:
+            self._pending[id(p)] = p
+
+    def take(self, params: Iterable[Tensor]) -> list[Tensor]:
+        """Those of ``params`` (in their order) still to reduce; they are no longer pending afterwards."""
+        return [p for p in params if self._pending.pop(id(p), None) is not None]
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+
+class HandClipWatch:
+    """Calls ``on_call(parameters)`` before every ``torch.nn.utils.clip_grad_norm_`` while installed.
+
+    Under expert parallelism a hand call sees only this rank's experts: each rank computes another
+    norm, scales its dense gradients by another factor, and the dense replicas drift apart. The
+    strategy installs this while it is set up, to reduce pending expert gradients first and to
+    warn. Catches calls made through the module attribute (``torch.nn.utils.clip_grad_norm_(...)``,
+    Lightning's own clipping included), not a reference imported before the strategy was set up.
+    """
+
+    _MODULES = (torch.nn.utils, torch.nn.utils.clip_grad)
+    _NAME = "clip_grad_norm_"
+
+    def __init__(self, on_call: Callable[[list[Tensor]], None]) -> None:
+        self._on_call = on_call
+        self._original: Callable[..., Tensor] | None = None
+
+    def install(self) -> None:
+        if self._original is not None:
+            return
+        original = self._original = getattr(torch.nn.utils, self._NAME)
+
+        @functools.wraps(original)
+        def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], *args: Any, **kwargs: Any) -> Tensor:
+            params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+            self._on_call(params)
+            return original(params, *args, **kwargs)
+
+        for module in self._MODULES:
+            setattr(module, self._NAME, clip_grad_norm_)
+
+    def uninstall(self) -> None:
+        if self._original is None:
+            return
+        for module in self._MODULES:
+            setattr(module, self._NAME, self._original)
+        self._original = None
 
 
 def buckets(tensors: list[Tensor], bucket_numel: int = BUCKET_NUMEL) -> list[list[Tensor]]:

@@ -88,6 +88,18 @@ def local_model_state(state: Mapping[str, Tensor], local_state: Mapping[str, Ten
     return out
 
 
+def is_per_expert(value: Any, num_local: int) -> bool:
+    """Whether an optimizer state of a stacked expert parameter ``[L, ...]`` holds one row per expert.
+
+    True for tensors whose first dim is ``L``: the parameter's shape (``exp_avg``) or a factored one
+    (Adafactor's ``row_var [L, D, 1]`` and ``col_var [L, 1, H]``). Such states are split and gathered
+    along dim 0 like the parameter; the others (Adam's 0-dim ``step``) are one value for the whole bank.
+    With one expert per rank, a state reduced over dim 0 (Adafactor's ``col_var [1, H]`` of a
+    ``[1, H]`` bias) cannot be told apart and counts as per expert.
+    """
+    return isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == num_local
+
+
 def _rows(value: Any, shard: ExpertShard) -> Any:
     """This rank's rows of a full stacked-expert tensor; tensors already sliced pass through."""
     if isinstance(value, Tensor) and value.ndim and value.shape[0] == shard.num_experts != shard.num_local:

@@ -10,6 +10,7 @@ it into a full file in a single process.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_moe.distributed.expert_parallel import ExpertShard
-from lightning_moe.distributed.shard_layout import GROUPED, OptimizerLayout, ShardLayout
+from lightning_moe.distributed.shard_layout import GROUPED, OptimizerLayout, ShardLayout, is_per_expert
 
 META_FILENAME = "meta.pt"
 
@@ -55,9 +56,8 @@ def sharded_optimizer_state(optimizer: Optimizer, olayout: OptimizerLayout, mesh
     for idx, st in local["state"].items():
         name = olayout.local_names[idx]
         kind, shard, _, _ = layout.classify(name)
-        param = olayout.params[idx]
-        state[layout.logical_name(name)] = {
-            k: _dtensor(v, shard, mesh) if kind == GROUPED and isinstance(v, Tensor) and v.shape == param.shape else v
+        state[layout.logical_name(name)] = {  # per-expert rows (factored states too) shard with the experts
+            k: _dtensor(v, shard, mesh) if kind == GROUPED and is_per_expert(v, shard.num_local) else v
             for k, v in st.items()
         }
     return {"state": state, "param_groups": olayout.param_groups(local["param_groups"], key=str)}
@@ -93,6 +93,15 @@ def save_sharded(checkpoint: dict[str, Any], path: Path, is_global_zero: bool) -
 def is_sharded_checkpoint(path: str | Path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / META_FILENAME).is_file()
+
+
+def saved_model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every model tensor in a DCP directory (logical names), read from its metadata only."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k[len("model/"):]: tuple(md.size) for k, md in metadata.items()
+            if k.startswith("model/") and hasattr(md, "size")}
 
 
 def _optimizer_states_from_flat(flat: Mapping[str, Any], meta_optimizers: list[dict]) -> list[dict[str, Any]]:
@@ -156,8 +165,12 @@ def load_sharded(path: Path, local_state: Mapping[str, Tensor], olayouts: list[O
         if kind == GROUPED and like is not None and len(size) and size[0] == shard.num_experts and mesh is not None:
             local = torch.empty((shard.num_local, *size[1:]), dtype=dtype, device=like.device)
             template[key] = _dtensor(local, shard, mesh)
+        elif like is None or (key.startswith("optim") and not len(size)):
+            # A 0-dim optimizer state (Adam's step) stays on the CPU, where torch keeps it unless the optimizer
+            # is capturable or fused (its load_state_dict then moves it to the parameter's device itself).
+            template[key] = torch.empty(size, dtype=dtype, device="cpu")
         else:
-            template[key] = torch.empty(size, dtype=dtype, device=like.device if like is not None else "cpu")
+            template[key] = torch.empty(size, dtype=dtype, device=like.device)
 
     for name, tensor in local_state.items():
         kind, shard, _, _ = layout.classify(name)
@@ -184,14 +197,21 @@ def load_sharded(path: Path, local_state: Mapping[str, Tensor], olayouts: list[O
 def consolidate_checkpoint(path: str | Path, output: str | Path | None = None) -> dict[str, Any]:
     """Turn a sharded (DCP) checkpoint directory into a full one, in a single process (no process group).
 
+    With ``output``, the file is written tensor by tensor: first its layout (``torch.save`` under
+    ``torch.serialization.skip_data``: every record sized, no bytes written from memory), then the file is mapped
+    (``torch.load(mmap=True)`` with ``MAP_SHARED``) and each tensor is read from the directory straight into its
+    place in the file, one ``torch.distributed.checkpoint.load`` per tensor. Memory holds one tensor at a time
+    on top of the file's pages, whatever the model's size.
+
     Args:
-        path: the directory written with ``MoEStrategy(checkpoint="sharded")``.
-        output: where to ``torch.save`` the result (optional). It then loads with
-            ``MyModel.load_from_checkpoint(output)`` and resumes under any strategy.
+        path: the directory written with ``MoEStrategy(checkpoint="sharded")`` (``data_parallel`` ``"ddp"`` or
+            ``"fsdp"``).
+        output: where to write the full file (optional). It then loads with
+            ``MyModel.load_from_checkpoint(output, weights_only=True)`` and resumes under any strategy.
 
     Returns:
-        The full Lightning checkpoint dict (logical names and shapes, optimizer states indexed as
-        for the unsharded model).
+        The full Lightning checkpoint dict (logical names and shapes, optimizer states indexed as for the unsharded
+        model): with ``output``, its tensors map the file (``mmap``), without, they are in memory.
 
     Example::
 
@@ -204,13 +224,40 @@ def consolidate_checkpoint(path: str | Path, output: str | Path | None = None) -
         raise ValueError(f"consolidate_checkpoint: path={str(path)!r} must be a directory written with "
                          f"MoEStrategy(checkpoint='sharded') (holding {META_FILENAME})")
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    # NOTE: torch.empty reserves address space only; the pages are touched where a tensor is filled.
     template = {k: torch.empty(torch.Size(md.size), dtype=md.properties.dtype)
                 for k, md in metadata.items() if hasattr(md, "size")}
-    dcp.load(template, checkpoint_id=str(path), no_dist=True)
     meta = torch.load(path / META_FILENAME, weights_only=True)
     meta_optimizers = meta.pop("moe_optimizer_states", [])
     checkpoint = {**meta, "state_dict": {k[len("model/"):]: v for k, v in template.items() if k.startswith("model/")},
                   "optimizer_states": _optimizer_states_from_flat(template, meta_optimizers)}
-    if output is not None:
+    if output is None:
+        dcp.load(template, checkpoint_id=str(path), no_dist=True)
+        return checkpoint
+    with torch.serialization.skip_data():
         torch.save(checkpoint, output)
-    return checkpoint
+    key_of = {id(t): k for k, t in template.items()}
+    # Each tensor of the file: its DCP key, or (small tensors of meta.pt, not written under skip_data) its value.
+    sources = [key_of.get(id(t), t) for t, _ in _tensor_pairs(checkpoint, checkpoint)]
+    del template, checkpoint
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        mapped = torch.load(output, mmap=True, weights_only=True)
+    for source, (_, tensor) in zip(sources, _tensor_pairs(mapped, mapped), strict=True):
+        if isinstance(source, str):
+            dcp.load({source: tensor}, checkpoint_id=str(path), no_dist=True)  # into the file's pages
+        else:
+            tensor.copy_(source)
+    del mapped
+    return torch.load(output, mmap=True, weights_only=True)
+
+
+def _tensor_pairs(a: Any, b: Any):
+    """``(x, y)`` for every tensor ``x`` of ``a`` and the tensor ``y`` at the same place in ``b`` (same structure)."""
+    if isinstance(a, Tensor):
+        yield a, b
+    elif isinstance(a, dict):
+        for key in a:
+            yield from _tensor_pairs(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        for x, y in zip(a, b, strict=True):
+            yield from _tensor_pairs(x, y)

@@ -34,7 +34,7 @@ What is synthesised:
       (``E`` int64 per layer) excluded.
 
 Shape legend: M rows this rank sends (its kept assignments, grouped by global expert), R rows it receives,
-D model width, E global experts, P EP group size, L = E/P local experts, S source ranks (= P).
+D model width, E global experts, P EP group size (also the source ranks of received rows), L = E/P local experts.
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ buffer ``x_MD`` with ``kept_counts_E`` rows per expert, then makes two calls on 
 (:class:`~lightning_moe.distributed.simulated.SimulatedExpertParallel`) implement the same protocol;
 the strategy installs them from outside (``layer.expert_dispatcher``), the layer knows no process group.
 
-Shape legend (the package's, see :mod:`lightning_moe.nn.functional`): M rows this rank sends (its
+Shape legend (the package's, see :mod:`lightning_moe.nn`): M rows this rank sends (its
 kept assignments, grouped by global expert), R rows it receives, D model width, E global experts,
-P ranks of the expert-parallel group (1 when local), L = E/P local experts, S source ranks (= P).
+P ranks of the expert-parallel group (1 when local; also their index as the source of received
+rows), L = E/P local experts.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class DispatchPlan:
         input_splits: rows sent to each rank of the group ``[P]`` (sums to M).
         output_splits: rows received from each rank ``[P]`` (sums to R).
         local_counts: rows received per local expert ``[L]``, summed over sources: the expert GEMM sizes.
-        received_counts_SL: device LongTensor ``[S, L]`` of rows per (source rank, local expert); it
+        received_counts_PL: device LongTensor ``[P, L]`` of rows per (source rank, local expert); it
             regroups the received source-major rows by local expert without another sync.
 
     Example:
@@ -51,34 +52,34 @@ class DispatchPlan:
     input_splits: tuple[int, ...]
     output_splits: tuple[int, ...]
     local_counts: tuple[int, ...]
-    received_counts_SL: Tensor
+    received_counts_PL: Tensor
 
     @classmethod
     def from_counts(cls, send_counts: Sequence[int], received_counts: Sequence[int],
-                    received_counts_SL: Tensor) -> DispatchPlan:
+                    received_counts_PL: Tensor) -> DispatchPlan:
         """Derive splits and per-expert counts from host counts.
 
         Args:
             send_counts: rows sent per global expert ``[E]``, experts of rank ``r`` in chunk ``r``.
-            received_counts: ``received_counts_SL`` on the host, flattened source-major ``[S * L]``.
-            received_counts_SL: the same counts on the device ``[S, L]``.
+            received_counts: ``received_counts_PL`` on the host, flattened source-major ``[P * L]``.
+            received_counts_PL: the same counts on the device ``[P, L]``.
 
         Raises:
             ValueError: if the counts do not split into ``S`` ranks of ``L`` experts.
         """
-        P, L = received_counts_SL.shape
+        P, L = received_counts_PL.shape
         if len(send_counts) != P * L or len(received_counts) != P * L:
             raise ValueError(f"DispatchPlan: got {len(send_counts)} send and {len(received_counts)} received counts "
                              f"for {P} ranks of {L} local experts; pass one count per expert of the layer")
         send, recv = tuple(send_counts), tuple(received_counts)
         if P == 1:  # local: keep the per-forward Python cost to a few microseconds
-            return cls(send, (sum(send),), (sum(recv),), recv, received_counts_SL)
+            return cls(send, (sum(send),), (sum(recv),), recv, received_counts_PL)
         return cls(
             send_counts=send,
             input_splits=tuple(sum(send[r * L:(r + 1) * L]) for r in range(P)),
             output_splits=tuple(sum(recv[s * L:(s + 1) * L]) for s in range(P)),
             local_counts=tuple(sum(recv[s * L + e] for s in range(P)) for e in range(L)),
-            received_counts_SL=received_counts_SL,
+            received_counts_PL=received_counts_PL,
         )
 
     @property

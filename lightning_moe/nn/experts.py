@@ -21,12 +21,27 @@ from lightning_moe.nn.dispatch import expert_output_dtype
 from lightning_moe.nn.ops.combine import weighted_combine
 from lightning_moe.nn.ops.grouped_mlp import FUSED_ACTIVATIONS, grouped_mlp, routed_mlp
 
-ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
+ACTIVATIONS = ("gelu", "relu", "silu", "swiglu", "swiglu_oai")
+GATED_ACTIVATIONS = ("swiglu", "swiglu_oai")
+# GPT-OSS's defaults for its gated activation (transformers GptOssConfig swiglu_alpha/swiglu_limit).
+SWIGLU_OAI_ALPHA = 1.702
+SWIGLU_OAI_LIMIT = 7.0
 
 
 def activation_function(name: str):
     """The elementwise function of a non-gated activation name (``"gelu" | "relu" | "silu"``)."""
     return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[name]
+
+
+def swiglu_oai(gate_CH: Tensor, up_CH: Tensor, alpha: float, limit: float) -> Tensor:
+    """GPT-OSS's gated activation: ``(clamp(u, -limit, limit) + 1) * g * sigmoid(alpha * g)``, g clamped above at limit.
+
+    The clamps keep activations bounded (no overflow in low precision); the ``+ 1`` lets the up
+    projection scale the gate around identity. ``alpha=1``, no clamp and no ``+ 1`` would be SwiGLU.
+    """
+    gate_CH = gate_CH.clamp(max=limit)
+    up_CH = up_CH.clamp(min=-limit, max=limit)
+    return (up_CH + 1) * (gate_CH * torch.sigmoid(gate_CH * alpha))
 
 
 def _grouped_mm_usable(x: Tensor, *weights: Tensor) -> bool:
@@ -45,8 +60,13 @@ class GroupedExperts(nn.Module):
     """``num_experts`` feed-forward experts with stacked weights ``w1 [E, D, H]``, ``w2 [E, H, D]``.
 
     With ``activation="swiglu"`` a third weight ``w3 [E, D, H]`` gates the hidden layer
-    (``silu(x w1) * (x w3)``). Each expert runs one GEMM per weight on its contiguous slice; on CUDA
-    with bf16 the slices run as one grouped GEMM.
+    (``silu(x w1) * (x w3)``); ``"swiglu_oai"`` is GPT-OSS's clamped variant (:func:`swiglu_oai`,
+    with ``swiglu_alpha`` and ``swiglu_limit``). Each expert runs one GEMM per weight on its
+    contiguous slice; on CUDA with bf16 the slices run as one grouped GEMM.
+
+    The weights may be strided views (e.g. of a Hugging Face ``gate_up_proj``, see
+    :func:`lightning_moe.from_hf`): each expert's ``[D, H]`` slice only needs one unit stride, which
+    BLAS reads as a transposed operand without a copy.
 
     Args:
         num_experts: experts held by this module (all of them, or a rank's share under expert
@@ -54,7 +74,11 @@ class GroupedExperts(nn.Module):
         dim: model width D.
         hidden_dim: expert hidden width H.
         activation: ``"gelu" | "relu" | "silu" | "swiglu"``.
-        bias: add per-expert biases ``b1 [E, H]``, ``b2 [E, D]`` (upcycled ``nn.Linear`` blocks).
+        bias: add per-expert biases ``b1 [E, H]``, ``b2 [E, D]`` (upcycled ``nn.Linear`` blocks);
+            with ``"swiglu_oai"`` also ``b3 [E, H]`` for the up projection (GPT-OSS). Plain
+            ``"swiglu"`` keeps ``b1``/``b2`` only.
+        swiglu_alpha: ``"swiglu_oai"`` only: the sigmoid's slope (default 1.702, GPT-OSS).
+        swiglu_limit: ``"swiglu_oai"`` only: the clamp (default 7.0, GPT-OSS).
 
     Example:
         >>> experts = GroupedExperts(4, dim=8, hidden_dim=16)
@@ -69,24 +93,38 @@ class GroupedExperts(nn.Module):
         hidden_dim: int,
         activation: str = "gelu",
         bias: bool = False,
+        swiglu_alpha: float | None = None,
+        swiglu_limit: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        name = type(self).__name__
         if activation not in ACTIVATIONS:
-            raise ValueError(f"{type(self).__name__}: activation={activation!r} must be one of {ACTIVATIONS}")
+            raise ValueError(f"{name}: activation={activation!r} must be one of {ACTIVATIONS}")
+        for arg, value in (("swiglu_alpha", swiglu_alpha), ("swiglu_limit", swiglu_limit)):
+            if value is not None and activation != "swiglu_oai":
+                raise ValueError(f"{name}: {arg}={value!r} applies to activation='swiglu_oai' only; "
+                                 f"drop it or use activation='swiglu_oai' (activation={activation!r})")
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}: {arg}={value!r} must be > 0")
         factory = {"device": device, "dtype": dtype}
         self.num_experts = num_experts
         self.dim = dim
         self.hidden_dim = hidden_dim
         self.activation = activation
+        gated = activation in GATED_ACTIVATIONS
+        oai = activation == "swiglu_oai"
+        self.swiglu_alpha = (SWIGLU_OAI_ALPHA if swiglu_alpha is None else float(swiglu_alpha)) if oai else None
+        self.swiglu_limit = (SWIGLU_OAI_LIMIT if swiglu_limit is None else float(swiglu_limit)) if oai else None
         # Global id of local expert 0; the expert-parallel strategy sets it when it shards.
         self.expert_offset = 0
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **factory))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **factory))
-        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **factory)) if activation == "swiglu" else None
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **factory)) if gated else None
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim, **factory)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, dim, **factory)) if bias else None
+        self.b3 = nn.Parameter(torch.empty(num_experts, hidden_dim, **factory)) if bias and oai else None
         self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -115,18 +153,30 @@ class GroupedExperts(nn.Module):
                 params.append((self.w3[e], self.dim))
             if self.b1 is not None:
                 params += [(self.b1[e], self.dim), (self.b2[e], self.hidden_dim)]
+            if self.b3 is not None:
+                params.append((self.b3[e], self.dim))
             yield params
 
     def extra_repr(self) -> str:
+        oai = f", swiglu_alpha={self.swiglu_alpha}, swiglu_limit={self.swiglu_limit}" if self.swiglu_alpha else ""
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
-            f"activation={self.activation!r}, bias={self.b1 is not None}"
+            f"activation={self.activation!r}, bias={self.b1 is not None}{oai}"
         )
+
+    def gated(self, gate_CH: Tensor, up_CH: Tensor) -> Tensor:
+        """The gated activation of ``"swiglu"`` / ``"swiglu_oai"`` on the two hidden projections."""
+        if self.activation == "swiglu_oai":
+            return swiglu_oai(gate_CH, up_CH, self.swiglu_alpha, self.swiglu_limit)
+        return F.silu(gate_CH) * up_CH
 
     def forward(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
         """Run each expert on its slice of ``x_MD``; ``counts[e]`` rows belong to expert e, in order."""
         if len(counts) != self.num_experts:
             raise ValueError(f"{type(self).__name__}: got {len(counts)} counts for {self.num_experts} experts")
+        if self.b3 is not None and self.b3.shape[0] != self.w1.shape[0]:
+            raise ValueError(f"{type(self).__name__}: b3 holds {self.b3.shape[0]} experts, w1 {self.w1.shape[0]}; "
+                             "shard b3 with the other stacked tensors (expert parallelism)")
         if x_MD.shape[0] == 0:
             return _empty_output(x_MD, self.dim, self.parameters())
         weights = [w for w in (self.w1, self.w2, self.w3) if w is not None]
@@ -165,7 +215,7 @@ class GroupedExperts(nn.Module):
         # The fused per-expert loop (nn/ops/grouped_mlp.py), unless the CUDA grouped GEMM takes the rows.
         weights = [w for w in (self.w1, self.w2, self.w3) if w is not None]
         grouped = _grouped_mm_usable(x, *weights) and self.b1 is None
-        return not grouped and self.activation in FUSED_ACTIVATIONS
+        return not grouped and self.activation in FUSED_ACTIVATIONS and self.b3 is None
 
     def _cast_weights(self, x: Tensor) -> list[Tensor | None]:
         # The op runs without autocast: make autocast's choice of GEMM dtype explicit (differentiable casts).
@@ -180,7 +230,7 @@ class GroupedExperts(nn.Module):
         # NOTE: unbind, not w[e]: the backward of E separate w[e] selects materialises E full-size
         # zero gradients of [E, D, H] (16x slower at 64 experts); unbind's backward is one stack.
         params = [p.unbind(0) if p is not None else [None] * self.num_experts
-                  for p in (self.w1, self.w2, self.w3, self.b1, self.b2)]
+                  for p in (self.w1, self.w2, self.w3, self.b1, self.b2, self.b3)]
         outputs = []
         for e, x_CD in enumerate(torch.split(x_MD, list(counts))):
             if x_CD.shape[0] == 0:
@@ -189,10 +239,10 @@ class GroupedExperts(nn.Module):
         return torch.cat(outputs)
 
     def _expert(self, x_CD: Tensor, w1: Tensor, w2: Tensor, w3: Tensor | None, b1: Tensor | None,
-                b2: Tensor | None) -> Tensor:
+                b2: Tensor | None, b3: Tensor | None = None) -> Tensor:
         h_CH = x_CD @ w1 if b1 is None else torch.addmm(b1, x_CD, w1)
         if w3 is not None:
-            h_CH = F.silu(h_CH) * (x_CD @ w3)
+            h_CH = self.gated(h_CH, x_CD @ w3 if b3 is None else torch.addmm(b3, x_CD, w3))
         else:
             h_CH = activation_function(self.activation)(h_CH)
         return h_CH @ w2 if b2 is None else torch.addmm(b2, h_CH, w2)
@@ -201,7 +251,7 @@ class GroupedExperts(nn.Module):
         offsets = torch.tensor(counts, device=x_MD.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         h_MH = _compat.grouped_mm(x_MD, self.w1, offs=offsets)
         if self.w3 is not None:
-            h_MH = F.silu(h_MH) * _compat.grouped_mm(x_MD, self.w3, offs=offsets)
+            h_MH = self.gated(h_MH, _compat.grouped_mm(x_MD, self.w3, offs=offsets))
         else:
             h_MH = activation_function(self.activation)(h_MH)
         return _compat.grouped_mm(h_MH, self.w2, offs=offsets)

@@ -39,6 +39,7 @@ class _Router(nn.Module):
         num_experts: int,
         score_func: str = "softmax",
         jitter: float = 0.0,
+        bias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -46,7 +47,10 @@ class _Router(nn.Module):
         self.num_experts = num_experts
         self.score_func = score_func
         self.jitter = jitter
-        self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
+        self.gate = nn.Linear(dim, num_experts, bias=bias, device=device, dtype=dtype)
+        if bias and self.gate.bias.device.type != "meta":
+            # A learned logit offset that starts neutral: the initial routing is the weights' alone.
+            nn.init.zeros_(self.gate.bias)
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Router logits in float32, autocast off, multiplicative input jitter in training only."""
@@ -55,14 +59,21 @@ class _Router(nn.Module):
             if self.training and self.jitter > 0:
                 noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
                 x_TD = x_TD * noise
-            return torch.nn.functional.linear(x_TD, self.gate.weight.float())
+            bias = self.gate.bias.float() if self.gate.bias is not None else None
+            return torch.nn.functional.linear(x_TD, self.gate.weight.float(), bias)
 
 
 class TokenChoiceRouter(_Router):
     """Token-choice top-k routing (Switch k=1, GShard / Mixtral k=2, DeepSeek sigmoid + bias).
 
     Holds a persistent ``expert_bias`` buffer (aux-loss-free balancing, DeepSeek-V3): it is added to
-    the scores only to choose experts; the chosen experts' weights come from the raw scores.
+    the scores only to choose experts; the chosen experts' weights come from the raw scores. It is
+    used when ``bias_update_rate > 0`` (then updated by :meth:`update_expert_bias`) or when
+    ``use_expert_bias`` (a fixed, loaded bias such as DeepSeek-V3's ``e_score_correction_bias``).
+
+    Options of published routers: ``score_func="softmax_topk"`` (GPT-OSS: softmax over the chosen
+    experts' logits), ``num_groups``/``top_groups`` (DeepSeek-V3 group-limited top-k),
+    ``routed_scaling_factor`` (DeepSeek-V3: scales the final weights) and a gate bias (GPT-OSS).
 
     Example:
         >>> router = TokenChoiceRouter(dim=8, num_experts=4, top_k=2)
@@ -80,21 +91,33 @@ class TokenChoiceRouter(_Router):
         normalize_weights: bool = True,
         jitter: float = 0.0,
         bias_update_rate: float = 0.0,
+        bias: bool = False,
+        use_expert_bias: bool = False,
+        num_groups: int = 1,
+        top_groups: int = 1,
+        routed_scaling_factor: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(dim, num_experts, score_func, jitter, device=device, dtype=dtype)
+        super().__init__(dim, num_experts, score_func, jitter, bias=bias, device=device, dtype=dtype)
         self.top_k = top_k
         self.normalize_weights = normalize_weights
         self.bias_update_rate = bias_update_rate
+        self.use_expert_bias = use_expert_bias
+        self.num_groups = num_groups
+        self.top_groups = top_groups
+        self.routed_scaling_factor = routed_scaling_factor
         self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
 
     def forward(self, x_TD: Tensor, valid_T: Tensor | None = None) -> TokenRouting:
         logits_TE = self.logits(x_TD)
         scores_TE = MF.router_scores(logits_TE, self.score_func)
-        bias_E = self.expert_bias if self.bias_update_rate > 0 else None
+        bias_E = self.expert_bias if self.bias_update_rate > 0 or self.use_expert_bias else None
+        softmax_topk = self.score_func == "softmax_topk"
         top_ids_TK, top_weights_TK = MF.topk_routing(
-            scores_TE, self.top_k, bias_E, normalize_weights=self.normalize_weights, valid_T=valid_T
+            logits_TE if softmax_topk else scores_TE, self.top_k, bias_E, normalize_weights=self.normalize_weights,
+            valid_T=valid_T, num_groups=self.num_groups, top_groups=self.top_groups,
+            routed_scaling_factor=self.routed_scaling_factor, softmax_topk=softmax_topk,
         )
         return TokenRouting(logits_TE, scores_TE, top_ids_TK, top_weights_TK)
 
@@ -120,10 +143,11 @@ class ExpertChoiceRouter(_Router):
         capacity_factor: float = 1.0,
         score_func: str = "softmax",
         jitter: float = 0.0,
+        bias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(dim, num_experts, score_func, jitter, device=device, dtype=dtype)
+        super().__init__(dim, num_experts, score_func, jitter, bias=bias, device=device, dtype=dtype)
         self.top_k = top_k
         self.capacity_factor = capacity_factor
 

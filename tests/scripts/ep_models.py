@@ -1,7 +1,8 @@
 """Tiny MoE models, data and a single-process reference loop shared by the expert-parallel tests.
 
 The reference (:func:`reference_train`) is plain PyTorch on the global batch: what N-rank training
-with MoEStrategy must reproduce.
+with MoEStrategy must reproduce. Aux and z losses are off unless ``aux_losses=True`` (the default
+coefficients and loss scope of :class:`~lightning_moe.MoE`, added to the task loss).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ def make_data(steps: int = STEPS, batch: int = GLOBAL_BATCH, seed: int = 1) -> t
 class Net(nn.Module):
     """Linear -> MoE (stacked experts) -> MoE (template experts) -> head."""
 
-    def __init__(self, num_experts: int = EXPERTS, bias_update_rate: float = 0.0) -> None:
+    def __init__(self, num_experts: int = EXPERTS, bias_update_rate: float = 0.0, aux_losses: bool = False) -> None:
         super().__init__()
-        moe = dict(top_k=2, hidden_dim=16, aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=bias_update_rate)
+        moe = dict(top_k=2, hidden_dim=16, bias_update_rate=bias_update_rate)
+        if not aux_losses:
+            moe.update(aux_loss_coef=0.0, z_loss_coef=0.0)
         self.inp = nn.Linear(DIM, DIM)
         self.moe1 = lmoe.MoE(DIM, num_experts, **moe)
         self.moe2 = lmoe.MoE(DIM, num_experts, expert=nn.Sequential(nn.Linear(DIM, 16), nn.GELU(), nn.Linear(16, DIM)),
@@ -41,23 +44,28 @@ class Net(nn.Module):
         h = h + self.moe2(h)
         return self.head(h).mean(dim=1)
 
+    def aux_loss(self) -> torch.Tensor:
+        return self.moe1.aux_loss + self.moe2.aux_loss
+
 
 class Model(L.LightningModule):
     """Plain LightningModule with MoE layers; each rank reads its contiguous slice of every global batch."""
 
     def __init__(self, lr: float = 0.1, momentum: float = 0.9, num_experts: int = EXPERTS, adam: bool = False,
-                 steps: int = STEPS, accumulate: int = 1, bias_update_rate: float = 0.0) -> None:
+                 steps: int = STEPS, accumulate: int = 1, bias_update_rate: float = 0.0,
+                 aux_losses: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(0)
-        self.net = Net(num_experts, bias_update_rate)
+        self.net = Net(num_experts, bias_update_rate, aux_losses)
 
     def forward(self, x):
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return nn.functional.mse_loss(self(x), y)
+        loss = nn.functional.mse_loss(self(x), y)
+        return loss + self.net.aux_loss() if self.hparams.aux_losses else loss
 
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", nn.functional.mse_loss(self(batch[0]), batch[1]), sync_dist=True)
@@ -93,19 +101,20 @@ class BalancedModel(lmoe.MoELightningModule, Model):
 
 
 def reference_train(steps: int = STEPS, accumulate: int = 1, clip: float | None = None, adam: bool = False,
-                    micro_batch: int = GLOBAL_BATCH) -> Model:
+                    micro_batch: int = GLOBAL_BATCH, aux_losses: bool = False) -> Model:
     """Single-process training on the global batches (micro-batches of ``micro_batch`` rows).
 
     Returns the model; its optimizer is ``model.reference_optimizer``.
     """
-    model = Model(adam=adam, lr=0.01 if adam else 0.1, steps=steps, accumulate=accumulate)
+    model = Model(adam=adam, lr=0.01 if adam else 0.1, steps=steps, accumulate=accumulate, aux_losses=aux_losses)
     opt = model.configure_optimizers()
     x, y = make_data(steps * accumulate)
     for step in range(steps):
         opt.zero_grad()
         for m in range(accumulate):
             rows = slice((step * accumulate + m) * micro_batch, (step * accumulate + m + 1) * micro_batch)
-            loss = nn.functional.mse_loss(model(x[rows]), y[rows]) / accumulate
+            loss = nn.functional.mse_loss(model(x[rows]), y[rows])
+            loss = (loss + model.net.aux_loss() if aux_losses else loss) / accumulate
             loss.backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

@@ -118,6 +118,15 @@ def suite_main() -> None:
     save_weights(tr, model, "accum_clip")
 
 
+def suite_aux() -> None:
+    # The equivalence of suite_main with the default aux/z coefficients and loss scope ("global"), ep=2 and ep=1.
+    for ep in (2, 1):
+        model = Model(aux_losses=True)
+        tr = trainer(2, strategy=lmoe.MoEStrategy(expert_parallel_size=ep))
+        tr.fit(model)
+        save_weights(tr, model, f"aux_ep{ep}")
+
+
 def suite_torchrun() -> None:
     # Sharded (DCP) checkpoints with Adam at ep=2, resumed at ep=1 into the full format.
     model = Model(adam=True, lr=0.01)
@@ -175,7 +184,7 @@ def suite_fail() -> None:
 
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
-    {"main": suite_main, "torchrun": suite_torchrun, "world4": suite_world4, "spawn": suite_spawn,
+    {"main": suite_main, "aux": suite_aux, "torchrun": suite_torchrun, "world4": suite_world4, "spawn": suite_spawn,
      "fail": suite_fail}[sys.argv[1]]()
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 or not os.environ.get("LOCAL_RANK"):
         if RESULTS:
