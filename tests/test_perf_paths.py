@@ -228,3 +228,16 @@ def test_fused_experts_under_autocast_match_the_loop_in_bfloat16():
         fused, loop = layer.experts(xs, counts), layer.experts._forward_loop(xs, counts)
     assert y.dtype == fused.dtype == loop.dtype == torch.bfloat16
     torch.testing.assert_close(fused, loop, atol=2e-2, rtol=2e-2)
+
+
+def test_fused_layer_runs_in_inference_mode_and_saves_nothing():
+    torch.manual_seed(0)
+    layer = MoE(8, 4, top_k=2, hidden_dim=12)
+    x = torch.randn(10, 8)
+    expected = layer(x).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected)
+    packed = []
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        layer(x)
+    assert not packed

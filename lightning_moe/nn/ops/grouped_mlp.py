@@ -121,7 +121,8 @@ def grouped_mlp(x_MD: Tensor, counts: Sequence[int], w1: Tensor, w2: Tensor, w3:
     _check(counts, w1, w3, b1, b2, activation, "grouped_mlp")
     if torch.compiler.is_compiling():
         return grouped_mlp_reference(x_MD, counts, w1, w2, w3, b1, b2, activation)
-    return _GroupedMLP.apply(x_MD, w1, w2, w3, b1, b2, tuple(int(c) for c in counts), activation)
+    record = _records_graph(x_MD, w1, w2, w3, b1, b2)
+    return _GroupedMLP.apply(x_MD, w1, w2, w3, b1, b2, tuple(int(c) for c in counts), activation, record)
 
 
 def routed_mlp(x_TD: Tensor, token_N: Tensor, weights_N: Tensor, counts: Sequence[int] | Tensor, w1: Tensor,
@@ -153,7 +154,8 @@ def routed_mlp(x_TD: Tensor, token_N: Tensor, weights_N: Tensor, counts: Sequenc
     host = tuple(counts.tolist() if isinstance(counts, Tensor) else (int(c) for c in counts))
     if sum(host) > token_N.shape[0]:
         raise ValueError(f"routed_mlp: counts sum to {sum(host)} but token_N has only {token_N.shape[0]} rows")
-    return _RoutedMLP.apply(x_TD, token_N, weights_N, w1, w2, w3, b1, b2, host, activation)
+    record = _records_graph(x_TD, weights_N, w1, w2, w3, b1, b2)
+    return _RoutedMLP.apply(x_TD, token_N, weights_N, w1, w2, w3, b1, b2, host, activation, record)
 
 
 # NOTE: each expert's activations are saved on their own (as autograd saves them: through the active
@@ -162,15 +164,20 @@ def routed_mlp(x_TD: Tensor, token_N: Tensor, weights_N: Tensor, counts: Sequenc
 # gradients grow into the memory the activations leave, as with the reference's per-expert autograd nodes.
 
 
+def _records_graph(*tensors: Tensor | None) -> bool:
+    """Whether autograd records this call (else nothing is saved: evaluation, no_grad, inference mode)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _SavedPerExpert:
     """Each expert's saved tensors, each released by the backward once that expert is done."""
 
-    def __init__(self, num_experts: int) -> None:
-        self.saved: list[tuple | None] | None = [None] * num_experts
+    def __init__(self, num_experts: int, record: bool) -> None:
+        self.saved: list[tuple | None] | None = [None] * num_experts if record else None
 
     def keep(self, e: int, acts: K.Acts) -> None:
-        assert self.saved is not None
-        self.saved[e] = tuple(_compat.make_saved_tensor(t) for t in acts)
+        if self.saved is not None:
+            self.saved[e] = tuple(_compat.make_saved_tensor(t) for t in acts)
 
     def fetch(self, e: int, rows: slice) -> K.Acts:
         if self.saved is None or self.saved[e] is None:
@@ -186,8 +193,8 @@ class _SavedPerExpert:
 class _GroupedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_MD: Tensor, w1: Tensor, w2: Tensor, w3: Tensor | None, b1: Tensor | None,
-                b2: Tensor | None, counts: tuple[int, ...], activation: str) -> Tensor:
-        ctx.store = _SavedPerExpert(len(counts))
+                b2: Tensor | None, counts: tuple[int, ...], activation: str, record: bool) -> Tensor:
+        ctx.store = _SavedPerExpert(len(counts), record)
         with torch.autocast(x_MD.device.type, enabled=False):
             y_MD = K.grouped_forward(x_MD, counts, w1, w2, w3, b1, b2, activation, ctx.store.keep)
         ctx.counts, ctx.activation = counts, activation
@@ -203,15 +210,15 @@ class _GroupedMLP(torch.autograd.Function):
             gx_MD = K.grouped_backward(grad_MD.contiguous(), x_MD, ctx.counts, (w1, w2, w3),
                                        (*grads, ctx.needs_input_grad[0]), ctx.activation, ctx.store.fetch)
         ctx.store.release()
-        return (gx_MD, *grads, None, None)
+        return (gx_MD, *grads, None, None, None)
 
 
 class _RoutedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_TD: Tensor, token_N: Tensor, weights_N: Tensor, w1: Tensor, w2: Tensor,
                 w3: Tensor | None, b1: Tensor | None, b2: Tensor | None, counts: tuple[int, ...],
-                activation: str) -> Tensor:
-        ctx.store = _SavedPerExpert(len(counts))
+                activation: str, record: bool) -> Tensor:
+        ctx.store = _SavedPerExpert(len(counts), record)
         w_N = weights_N.to(x_TD.dtype)
         with torch.autocast(x_TD.device.type, enabled=False):
             out_TD = K.routed_forward(x_TD, token_N, w_N, counts, w1, w2, w3, b1, b2, activation, ctx.store.keep)
@@ -229,4 +236,4 @@ class _RoutedMLP(torch.autograd.Function):
             gx_TD, gw_N = K.routed_backward(grad_TD.contiguous(), x_TD, token_N, w_N, ctx.counts, (w1, w2, w3),
                                             (*grads, needs[0]), needs[2], ctx.activation, ctx.store.fetch)
         ctx.store.release()
-        return (gx_TD, None, None if gw_N is None else gw_N.to(ctx.weights_dtype), *grads, None, None)
+        return (gx_TD, None, None if gw_N is None else gw_N.to(ctx.weights_dtype), *grads, None, None, None)
