@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_moe import MoE
 from lightning_moe.nn import LocalDispatcher
 from lightning_moe.nn.ops import (
+    expert_kernels,
     grouped_mlp,
     grouped_mlp_reference,
     routed_mlp,
@@ -73,7 +74,10 @@ def test_grouped_mlp_matches_reference_values_and_grads(activation, bias):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("counts_as_tensor", [False, True])
-def test_routed_mlp_matches_reference_values_and_grads(activation, bias, counts_as_tensor):
+@pytest.mark.parametrize("chunk_rows", [None, 1, 5])  # experts grouped (default: all here), one a group, mixed
+def test_routed_mlp_matches_reference_values_and_grads(activation, bias, counts_as_tensor, chunk_rows, monkeypatch):
+    if chunk_rows is not None:
+        monkeypatch.setattr(expert_kernels, "CHUNK_ELEMENTS", chunk_rows * D)
     weights = _weights(3, activation, bias)
     num_tokens, counts = 7, [4, 0, 5]
     # Rows grouped by expert, a token at most once per expert; token 6 gets no row; 2 dropped rows at the end.

@@ -48,9 +48,12 @@ def _routed_fwd(x_TD: Tensor, token_N: Tensor, w_N: Tensor, counts_E: Tensor, w1
                 activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     h, s, g, a, y = buffers = _buffers(x_TD, token_N.shape[0], w1, w2, w3 is not None)
 
-    def out_buffers(e: int, rows: slice) -> tuple[Tensor | None, ...]:
-        acts = (h[rows], s[rows], g[rows], a[rows]) if w3 is not None else (h[rows], a[rows], None, None)
-        return (*acts, y[rows])
+    num_experts = w1.shape[0]
+
+    def out_buffers(key: int, rows: slice) -> tuple[Tensor | None, ...]:
+        if key >= num_experts:  # a routed group's expert outputs
+            return (y[rows],)
+        return (h[rows], s[rows], g[rows], a[rows]) if w3 is not None else (h[rows], a[rows], None, None)
 
     # NOTE: host sync: the per-expert GEMMs need their sizes (inside the operator: no graph break).
     counts = counts_E.tolist()
@@ -73,9 +76,10 @@ def _routed_bwd(grad_TD: Tensor, x_TD: Tensor, token_N: Tensor, w_N: Tensor, cou
     need_x, need_w, *need_params = needs
     grads = K.empty_grads((w1, w2, w3, b1, b2), need_params)
 
-    def fetch(e: int, rows: slice) -> K.Acts:
-        acts = (h[rows], s[rows], g[rows], a[rows]) if w3 is not None else (h[rows], a[rows])
-        return (*acts, y[rows])
+    def fetch(key: int, rows: slice) -> K.Acts:
+        if key >= w1.shape[0]:
+            return (y[rows],)
+        return (h[rows], s[rows], g[rows], a[rows]) if w3 is not None else (h[rows], a[rows])
 
     with torch.autocast(x_TD.device.type, enabled=False):
         gx_TD, gw_N = K.routed_backward(grad_TD.contiguous(), x_TD, token_N, w_N, counts_E.tolist(), (w1, w2, w3),

@@ -4,10 +4,11 @@
 :mod:`~lightning_moe.nn.ops.compiled` in custom operators for ``torch.compile``; both differ only in where
 each expert's activations live between forward and backward, so the loops take that as callbacks:
 
-- forward: ``keep(e, acts)`` receives expert ``e``'s activations ``(h, a)`` or, for SwiGLU, ``(h, s, g, a)``
-  (``s = silu(h)``, ``g = x w3``, ``a`` the input of ``w2``), plus the expert output ``y`` in the routed
-  path; ``out_buffers(e, rows)`` may give preallocated views to write them into;
-- backward: ``fetch(e, rows)`` returns what ``keep`` received for expert ``e``.
+- forward: ``keep(key, tensors)`` receives expert ``e``'s activations ``(h, a)`` or, for SwiGLU,
+  ``(h, s, g, a)`` (``s = silu(h)``, ``g = x w3``, ``a`` the input of ``w2``) under key ``e``, and in the
+  routed path each group's expert outputs under key ``E + c``; ``out_buffers(key, rows)`` may give
+  preallocated views (of the given global rows) to write them into;
+- backward: ``fetch(key, rows)`` returns what ``keep`` received under ``key``.
 
 Every GEMM writes into its destination (``torch.mm(..., out=)``); weight gradients go straight into their
 ``[E, D, H]`` buffers; per-expert temporaries stay small. The backward visits experts last first, as autograd
@@ -24,14 +25,18 @@ import itertools
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Activations with a fused path (others take the reference loop of GroupedExperts).
 FUSED_ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
-_ACT = {"gelu": torch.ops.aten.gelu, "relu": torch.ops.aten.relu, "silu": torch.ops.aten.silu}
+_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+_ACT_OUT = {"gelu": torch.ops.aten.gelu.out, "relu": torch.ops.aten.relu.out, "silu": torch.ops.aten.silu.out}
+_SILU_BACKWARD = torch.ops.aten.silu_backward.default
+_GELU_BACKWARD = torch.ops.aten.gelu_backward.default
 
 Acts = tuple[Tensor, ...]
-Keep = Callable[[int, Acts], None]
+Keep = Callable[[int, Acts], None]  # (key, tensors); keys: experts 0..E-1, then the routed groups
 Fetch = Callable[[int, slice], Acts]
 Buffers = Callable[[int, slice], tuple[Tensor | None, ...]] | None
 
@@ -48,57 +53,57 @@ def _mm(x: Tensor, w: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor
     return torch.addmm(bias, x, w) if out is None else torch.addmm(bias, x, w, out=out)
 
 
-def expert_forward(x_CD: Tensor, e: int, w1: Tensor, w3: Tensor | None, b1: Tensor | None, activation: str,
+def expert_forward(x_CD: Tensor, w1: Tensor, w3: Tensor | None, b1: Tensor | None, activation: str,
                    out: tuple[Tensor | None, ...] | None = None) -> Acts:
-    """Hidden layer of expert ``e``: ``(h, a)``, or ``(h, s, g, a)`` for SwiGLU (written into ``out`` if given)."""
+    """Hidden layer of one expert (its weights ``w1 [D, H]``, ...): ``(h, a)``, or ``(h, s, g, a)`` for SwiGLU
+    (written into ``out`` if given)."""
     o = out or (None, None, None, None)
-    h_CH = _mm(x_CD, w1[e], None if b1 is None else b1[e], o[0])
+    h_CH = _mm(x_CD, w1, b1, o[0])
     if w3 is None:
-        op = _ACT[activation]
-        return h_CH, op.default(h_CH) if o[1] is None else op.out(h_CH, out=o[1])
-    g_CH = _mm(x_CD, w3[e], None, o[2])
-    s_CH = torch.ops.aten.silu.default(h_CH) if o[1] is None else torch.ops.aten.silu.out(h_CH, out=o[1])
+        return h_CH, _ACT[activation](h_CH) if o[1] is None else _ACT_OUT[activation](h_CH, out=o[1])
+    g_CH = _mm(x_CD, w3, None, o[2])
+    s_CH = F.silu(h_CH) if o[1] is None else _ACT_OUT["silu"](h_CH, out=o[1])
     a_CH = s_CH * g_CH if o[3] is None else torch.mul(s_CH, g_CH, out=o[3])
     return h_CH, s_CH, g_CH, a_CH
 
 
-def expert_backward(x_CD: Tensor, g_CD: Tensor, acts: Acts, e: int, weights: tuple, grads: tuple, activation: str,
+def expert_backward(x_CD: Tensor, g_CD: Tensor, acts: Acts, weights: tuple, grads: tuple, activation: str,
                     gx_out: Tensor | None = None) -> Tensor | None:
-    """Gradients of expert ``e``: weights' into ``grads[k][e]``; returns the input's (into ``gx_out`` if given).
+    """Gradients of one expert: its weights' written into ``grads``; returns the input's (into ``gx_out`` if given).
 
     Args:
-        weights: ``(w1, w2, w3)``.
-        grads: ``(gw1, gw2, gw3, gb1, gb2, need_x)``, None for a gradient not needed.
+        weights: the expert's ``(w1, w2, w3)`` (``[D, H]``, ``[H, D]``, ``[D, H]`` or None).
+        grads: its ``(gw1, gw2, gw3, gb1, gb2)`` views, None for a gradient not needed, then ``need_x``.
     """
     w1, w2, w3 = weights
     gw1, gw2, gw3, gb1, gb2, need_x = grads
     a_CH = acts[-1]
     if gw2 is not None:
-        torch.mm(a_CH.t(), g_CD, out=gw2[e])
+        torch.mm(a_CH.t(), g_CD, out=gw2)
     if gb2 is not None:
-        torch.sum(g_CD, 0, out=gb2[e])
-    ga_CH = g_CD @ w2[e].t()
+        torch.sum(g_CD, 0, out=gb2)
+    ga_CH = torch.mm(g_CD, w2.t())
     gg_CH = None  # SwiGLU: gradient of the gate input x w3
     if w3 is not None:
         h_CH, s_CH, g3_CH, _ = acts
         gg_CH = ga_CH * s_CH
-        gh_CH = torch.ops.aten.silu_backward(ga_CH.mul_(g3_CH), h_CH)
+        gh_CH = _SILU_BACKWARD(ga_CH.mul_(g3_CH), h_CH)
         if gw3 is not None:
-            torch.mm(x_CD.t(), gg_CH, out=gw3[e])
+            torch.mm(x_CD.t(), gg_CH, out=gw3)
     elif activation == "gelu":
-        gh_CH = torch.ops.aten.gelu_backward(ga_CH, acts[0])
+        gh_CH = _GELU_BACKWARD(ga_CH, acts[0])
     elif activation == "silu":
-        gh_CH = torch.ops.aten.silu_backward(ga_CH, acts[0])
+        gh_CH = _SILU_BACKWARD(ga_CH, acts[0])
     else:  # relu
         gh_CH = ga_CH.masked_fill_(acts[0] <= 0, 0)
     if gb1 is not None:
-        torch.sum(gh_CH, 0, out=gb1[e])
+        torch.sum(gh_CH, 0, out=gb1)
     if gw1 is not None:
-        torch.mm(x_CD.t(), gh_CH, out=gw1[e])
+        torch.mm(x_CD.t(), gh_CH, out=gw1)
     if not need_x:
         return None
-    gx_CD = gh_CH @ w1[e].t() if gx_out is None else torch.mm(gh_CH, w1[e].t(), out=gx_out)
-    return gx_CD if gg_CH is None else gx_CD.addmm_(gg_CH, w3[e].t())
+    gx_CD = torch.mm(gh_CH, w1.t()) if gx_out is None else torch.mm(gh_CH, w1.t(), out=gx_out)
+    return gx_CD if gg_CH is None else gx_CD.addmm_(gg_CH, w3.t())
 
 
 def empty_grads(weights: Sequence[Tensor | None], needed: Sequence[bool]) -> tuple[Tensor | None, ...]:
@@ -107,10 +112,16 @@ def empty_grads(weights: Sequence[Tensor | None], needed: Sequence[bool]) -> tup
                  for t, need in zip(weights, needed, strict=True))
 
 
-def _zero_expert(grads: Sequence[Tensor | None], e: int) -> None:
+def _per_expert(tensors: Sequence[Tensor | None], num_experts: int) -> list[tuple]:
+    """``[(t[e] for t in tensors) for e]``, one unbind per tensor instead of a select per expert and tensor."""
+    views = [t.unbind(0) if t is not None else (None,) * num_experts for t in tensors]
+    return list(zip(*views, strict=True))
+
+
+def _zero_expert(grads: Sequence[Tensor | None]) -> None:
     for grad in grads:
         if grad is not None:
-            grad[e].zero_()
+            grad.zero_()
 
 
 def grouped_forward(x_MD: Tensor, counts: Sequence[int], w1: Tensor, w2: Tensor, w3: Tensor | None,
@@ -118,11 +129,13 @@ def grouped_forward(x_MD: Tensor, counts: Sequence[int], w1: Tensor, w2: Tensor,
                     out_buffers: Buffers = None) -> Tensor:
     """``y_MD``: expert ``e`` on rows ``counts[e]`` of ``x_MD``."""
     y_MD = x_MD.new_empty((x_MD.shape[0], w2.shape[-1]))
+    params = _per_expert((w1, w2, w3, b1, b2), len(counts))
     for e, rows in expert_rows(counts):
         if rows.start == rows.stop:
             continue
-        acts = expert_forward(x_MD[rows], e, w1, w3, b1, activation, out_buffers and out_buffers(e, rows))
-        _mm(acts[-1], w2[e], None if b2 is None else b2[e], y_MD[rows])
+        e_w1, e_w2, e_w3, e_b1, e_b2 = params[e]
+        acts = expert_forward(x_MD[rows], e_w1, e_w3, e_b1, activation, out_buffers and out_buffers(e, rows))
+        _mm(acts[-1], e_w2, e_b2, y_MD[rows])
         keep(e, acts)
     return y_MD
 
@@ -131,13 +144,34 @@ def grouped_backward(grad_MD: Tensor, x_MD: Tensor, counts: Sequence[int], weigh
                      activation: str, fetch: Fetch) -> Tensor | None:
     """Weight gradients into ``grads``; returns ``gx_MD`` (None when ``grads[-1]`` says it is not needed)."""
     gx_MD = torch.empty_like(x_MD) if grads[-1] else None
+    params, expert_grads = _per_expert(weights, len(counts)), _per_expert(grads[:-1], len(counts))
     for e, rows in reversed(expert_rows(counts)):
         if rows.start == rows.stop:
-            _zero_expert(grads[:-1], e)
+            _zero_expert(expert_grads[e])
             continue
-        expert_backward(x_MD[rows], grad_MD[rows], fetch(e, rows), e, weights, grads, activation,
-                        None if gx_MD is None else gx_MD[rows])
+        expert_backward(x_MD[rows], grad_MD[rows], fetch(e, rows), params[e], (*expert_grads[e], grads[-1]),
+                        activation, None if gx_MD is None else gx_MD[rows])
     return gx_MD
+
+
+# Rows per group of experts whose gathers, scatters and scaling run as one op (a few hundred KB per tensor):
+# small experts share them (fewer, larger ops), large experts get a group each (temporaries stay cache-sized).
+CHUNK_ELEMENTS = 1 << 18
+
+
+def expert_chunks(counts: Sequence[int], width: int) -> list[tuple[slice, list[tuple[int, slice]]]]:
+    """Consecutive experts grouped while a group's rows x ``width`` stay under :data:`CHUNK_ELEMENTS` (one expert
+    at least): per group its rows and, per expert, ``(expert, its rows within the group)``."""
+    limit = max(1, CHUNK_ELEMENTS // max(width, 1))
+    chunks: list[tuple[slice, list[tuple[int, slice]]]] = []
+    start, members = 0, []
+    for e, rows in expert_rows(counts):
+        if members and rows.stop - start > limit:
+            chunks.append((slice(start, rows.start), members))
+            start, members = rows.start, []
+        members.append((e, slice(rows.start - start, rows.stop - start)))
+    chunks.append((slice(start, start + sum(counts[e] for e, _ in members)), members))
+    return chunks
 
 
 def routed_forward(x_TD: Tensor, token_N: Tensor, w_N: Tensor, counts: Sequence[int], w1: Tensor, w2: Tensor,
@@ -146,19 +180,32 @@ def routed_forward(x_TD: Tensor, token_N: Tensor, w_N: Tensor, counts: Sequence[
     """``out_TD``: per token, the sum over its kept rows of ``w * expert(x[token])``.
 
     Row ``m < sum(counts)`` of ``token_N``/``w_N`` belongs to the expert whose block holds it; later rows
-    (dropped assignments) are ignored. ``keep`` also receives each expert's unweighted output ``y``, which
-    the backward needs for the routing weights' gradient.
+    (dropped assignments) are ignored. Experts run in groups (:func:`expert_chunks`): one gather, one
+    scaling and one scatter per group. ``keep(e, acts)`` receives each expert's activations, and
+    ``keep(E + c, (y,))`` group ``c``'s unweighted outputs, which the backward needs for the routing
+    weights' gradient (``out_buffers`` takes the same keys, with the global rows).
     """
+    num_experts = len(counts)
     out_TD = x_TD.new_zeros((x_TD.shape[0], w2.shape[-1]))
-    for e, rows in expert_rows(counts):
-        if rows.start == rows.stop:
+    params = _per_expert((w1, w2, w3, b1, b2), num_experts)
+    w_N1 = w_N[:, None]
+    for c, (rows_K, members) in enumerate(expert_chunks(counts, x_TD.shape[-1])):
+        if rows_K.start == rows_K.stop:
             continue
-        token_C = token_N[rows]
-        buffers = out_buffers(e, rows) if out_buffers is not None else (None,) * 5
-        acts = expert_forward(x_TD.index_select(0, token_C), e, w1, w3, b1, activation, buffers[:-1])
-        y_CD = _mm(acts[-1], w2[e], None if b2 is None else b2[e], buffers[-1])
-        out_TD.index_add_(0, token_C, y_CD * w_N[rows, None])
-        keep(e, (*acts, y_CD))
+        token_K = token_N[rows_K]
+        x_KD = x_TD.index_select(0, token_K)
+        y_KD = out_buffers(num_experts + c, rows_K)[0] if out_buffers is not None else \
+            x_KD.new_empty((x_KD.shape[0], w2.shape[-1]))
+        for e, sub in members:
+            if sub.start == sub.stop:
+                continue
+            e_w1, e_w2, e_w3, e_b1, e_b2 = params[e]
+            rows = slice(rows_K.start + sub.start, rows_K.start + sub.stop)
+            acts = expert_forward(x_KD[sub], e_w1, e_w3, e_b1, activation, out_buffers and out_buffers(e, rows))
+            _mm(acts[-1], e_w2, e_b2, y_KD[sub])
+            keep(e, acts)
+        out_TD.index_add_(0, token_K, y_KD * w_N1[rows_K])
+        keep(num_experts + c, (y_KD,))
     return out_TD
 
 
@@ -167,21 +214,33 @@ def routed_backward(grad_TD: Tensor, x_TD: Tensor, token_N: Tensor, w_N: Tensor,
                     fetch: Fetch) -> tuple[Tensor | None, Tensor | None]:
     """Weight gradients into ``grads``; returns ``(gx_TD, gw_N)`` (None where not needed; ``gw_N`` is 0 on
     dropped rows)."""
-    need_x = grads[-1]
+    num_experts, need_x = len(counts), grads[-1]
     gx_TD = torch.zeros_like(x_TD) if need_x else None
     gw_N = torch.zeros_like(w_N) if need_w else None
-    for e, rows in reversed(expert_rows(counts)):
-        if rows.start == rows.stop:
-            _zero_expert(grads[:-1], e)
+    params, expert_grads = _per_expert(weights, num_experts), _per_expert(grads[:-1], num_experts)
+    w_N1 = w_N[:, None]
+    for c, (rows_K, members) in reversed(list(enumerate(expert_chunks(counts, x_TD.shape[-1])))):
+        if rows_K.start == rows_K.stop:
+            for e, _ in members:
+                _zero_expert(expert_grads[e])
             continue
-        acts = fetch(e, rows)
-        token_C = token_N[rows]
-        g_CD = grad_TD.index_select(0, token_C)  # each row's share of its token's output gradient
+        token_K = token_N[rows_K]
+        g_KD = grad_TD.index_select(0, token_K)  # each row's share of its token's output gradient
+        (y_KD,) = fetch(num_experts + c, rows_K)
         if gw_N is not None:
-            torch.sum(g_CD * acts[-1], dim=-1, out=gw_N[rows])
-        g_CD.mul_(w_N[rows, None])
-        gx_CD = expert_backward(x_TD.index_select(0, token_C), g_CD, acts[:-1], e, weights, grads, activation)
-        del acts
+            torch.sum(g_KD * y_KD, dim=-1, out=gw_N[rows_K])
+        del y_KD
+        g_KD.mul_(w_N1[rows_K])
+        x_KD = x_TD.index_select(0, token_K)
+        gx_KD = torch.empty_like(x_KD) if need_x else None
+        for e, sub in reversed(members):
+            if sub.start == sub.stop:
+                _zero_expert(expert_grads[e])
+                continue
+            acts = fetch(e, slice(rows_K.start + sub.start, rows_K.start + sub.stop))
+            expert_backward(x_KD[sub], g_KD[sub], acts, params[e], (*expert_grads[e], need_x), activation,
+                            None if gx_KD is None else gx_KD[sub])
+            del acts
         if gx_TD is not None:
-            gx_TD.index_add_(0, token_C, gx_CD)
+            gx_TD.index_add_(0, token_K, gx_KD)
     return gx_TD, gw_N

@@ -170,10 +170,10 @@ def _records_graph(*tensors: Tensor | None) -> bool:
 
 
 class _SavedPerExpert:
-    """Each expert's saved tensors, each released by the backward once that expert is done."""
+    """Each expert's (and routed group's) saved tensors, each released by the backward once it is done."""
 
-    def __init__(self, num_experts: int, record: bool) -> None:
-        self.saved: list[tuple | None] | None = [None] * num_experts if record else None
+    def __init__(self, slots: int, record: bool) -> None:
+        self.saved: list[tuple | None] | None = [None] * slots if record else None
 
     def keep(self, e: int, acts: K.Acts) -> None:
         if self.saved is not None:
@@ -218,7 +218,7 @@ class _RoutedMLP(torch.autograd.Function):
     def forward(ctx: Any, x_TD: Tensor, token_N: Tensor, weights_N: Tensor, w1: Tensor, w2: Tensor,
                 w3: Tensor | None, b1: Tensor | None, b2: Tensor | None, counts: tuple[int, ...],
                 activation: str, record: bool) -> Tensor:
-        ctx.store = _SavedPerExpert(len(counts), record)
+        ctx.store = _SavedPerExpert(len(counts) + len(K.expert_chunks(counts, x_TD.shape[-1])), record)
         w_N = weights_N.to(x_TD.dtype)
         with torch.autocast(x_TD.device.type, enabled=False):
             out_TD = K.routed_forward(x_TD, token_N, w_N, counts, w1, w2, w3, b1, b2, activation, ctx.store.keep)
