@@ -34,10 +34,10 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]  # run from a checkout
 
-import lightning_moe as lmoe  # noqa: E402
 from _common import VOCAB, LMConfig, build_language_model  # noqa: E402
-
 from _harness import interleaved, load_average, serve  # noqa: E402
+
+import lightning_moe as lmoe  # noqa: E402
 
 VARIANTS = ("dense", "moe", "upcycled", "dense compiled", "moe compiled")
 SEQ_LEN, BATCH = 128, 16

@@ -75,3 +75,21 @@ def all_to_all_counts(send_counts: Tensor, group: dist.ProcessGroup | None) -> T
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=group)
     return recv_counts
+
+
+def all_to_all_start(x_MD: Tensor, output_splits: Sequence[int], input_splits: Sequence[int],
+                     group: dist.ProcessGroup | None) -> Tensor:
+    """Start an uneven all-to-all without autograd; :func:`all_to_all_wait` on the result waits for it.
+
+    What the caller computes in between overlaps the exchange (an expert-parallel layer runs the experts on
+    the rows it keeps while the others travel). Arguments as for :func:`all_to_all`.
+    """
+    pg = cast(dist.ProcessGroup, group if group is not None else dist.group.WORLD)
+    with torch.no_grad():
+        return funcol.all_to_all_single(x_MD.contiguous(), [int(s) for s in output_splits],
+                                        [int(s) for s in input_splits], pg)
+
+
+def all_to_all_wait(started: Tensor) -> Tensor:
+    """The result of :func:`all_to_all_start`, once it arrived (a plain tensor)."""
+    return funcol.wait_tensor(started)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from lightning_moe.distributed.all_to_all import all_to_all, all_to_all_counts
 from lightning_moe.distributed.gather import gather_experts
+from lightning_moe.distributed.overlap import overlapped_experts
 from lightning_moe.nn.dispatch import DispatchPlan, expert_output_dtype
 from lightning_moe.nn.experts import GroupedExperts, TemplateExperts
 from lightning_moe.nn.moe import MoE, find_moe_layers
@@ -134,7 +135,7 @@ class ShardedDispatcher(abc.ABC):
         x_RD = self.exchange_rows(x_MD, plan.output_splits, plan.input_splits)
         # 3. regroup by local expert and run the local experts.
         order_R = expert_major_order(plan.received_counts_PL, plan.num_received)
-        x_RD = x_RD[order_R]
+        x_RD = x_RD.index_select(0, order_R)
         y_RD = experts(x_RD, plan.local_counts).to(dtype)
         if plan.num_received == 0:
             # No row reached this rank's experts: tie the (empty) output to the received rows anyway,
@@ -143,7 +144,7 @@ class ShardedDispatcher(abc.ABC):
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         # 4. outputs back to the ranks that own the tokens, in the order they were sent.
-        return self.exchange_rows(y_RD[inverse_R], plan.input_splits, plan.output_splits)
+        return self.exchange_rows(y_RD.index_select(0, inverse_R), plan.input_splits, plan.output_splits)
 
 
 class ExpertParallelDispatcher(ShardedDispatcher):
@@ -152,6 +153,9 @@ class ExpertParallelDispatcher(ShardedDispatcher):
     Args:
         shard: which experts this rank holds.
         group: the EP process group (ranks of one expert group, in EP-rank order).
+        overlap: run stacked experts (:class:`~lightning_moe.nn.GroupedExperts`) through the overlapped
+            exchange (:mod:`~lightning_moe.distributed.overlap`: a rank's own rows are computed while the
+            others travel, forward and backward); False runs the sequence of :class:`ShardedDispatcher`.
 
     Example (inside an initialised process group of 2 ranks)::
 
@@ -159,9 +163,17 @@ class ExpertParallelDispatcher(ShardedDispatcher):
         y = layer(x)   # layer.dispatcher.plan exchanges counts, layer.dispatcher(...) the rows
     """
 
-    def __init__(self, shard: ExpertShard, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, shard: ExpertShard, group: dist.ProcessGroup | None, overlap: bool = True) -> None:
         super().__init__(shard)
         self.group = group
+        self.overlap = overlap
+
+    def __call__(self, x_MD: Tensor, plan: DispatchPlan, experts: nn.Module) -> Tensor:
+        params = experts.fused_params(x_MD) if self.overlap and isinstance(experts, GroupedExperts) else None
+        if params is None or torch.compiler.is_compiling():
+            return super().__call__(x_MD, plan, experts)
+        x_MD = x_MD.to(expert_output_dtype(x_MD))
+        return overlapped_experts(x_MD, plan, self.shard.ep_rank, self.group, params, experts.activation)
 
     def exchange_counts(self, send_counts_E: Tensor) -> Tensor:
         return all_to_all_counts(send_counts_E, self.group)

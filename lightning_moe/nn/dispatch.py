@@ -41,6 +41,8 @@ class DispatchPlan:
         local_counts: rows received per local expert ``[L]``, summed over sources: the expert GEMM sizes.
         received_counts_PL: device LongTensor ``[P, L]`` of rows per (source rank, local expert); it
             regroups the received source-major rows by local expert without another sync.
+        received_counts: the same on the host, flattened source-major ``[P * L]`` (the segments an
+            overlapped exchange runs its experts on, source by source).
 
     Example:
         >>> plan = DispatchPlan.from_counts([2, 0, 1, 3], [2, 0, 1, 3], torch.tensor([[2, 0, 1, 3]]))
@@ -53,6 +55,7 @@ class DispatchPlan:
     output_splits: tuple[int, ...]
     local_counts: tuple[int, ...]
     received_counts_PL: Tensor
+    received_counts: tuple[int, ...] = ()
 
     @classmethod
     def from_counts(cls, send_counts: Sequence[int], received_counts: Sequence[int],
@@ -73,13 +76,14 @@ class DispatchPlan:
                              f"for {P} ranks of {L} local experts; pass one count per expert of the layer")
         send, recv = tuple(send_counts), tuple(received_counts)
         if P == 1:  # local: keep the per-forward Python cost to a few microseconds
-            return cls(send, (sum(send),), (sum(recv),), recv, received_counts_PL)
+            return cls(send, (sum(send),), (sum(recv),), recv, received_counts_PL, recv)
         return cls(
             send_counts=send,
             input_splits=tuple(sum(send[r * L:(r + 1) * L]) for r in range(P)),
             output_splits=tuple(sum(recv[s * L:(s + 1) * L]) for s in range(P)),
             local_counts=tuple(sum(recv[s * L + e] for s in range(P)) for e in range(L)),
             received_counts_PL=received_counts_PL,
+            received_counts=recv,
         )
 
     @property

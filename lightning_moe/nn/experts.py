@@ -211,6 +211,11 @@ class GroupedExperts(nn.Module):
         token_M, weights_M = token_N[: sum(host)], weights_N[: sum(host)]
         return weighted_combine(self(x_TD.index_select(0, token_M), host), weights_M, token_M, x_TD.shape[0])
 
+    def fused_params(self, x: Tensor) -> list[Tensor | None] | None:
+        """``[w1, w2, w3, b1, b2]`` in the GEMM dtype for input ``x`` when the fused kernels
+        (``nn/ops/expert_kernels.py``) can run this bank on ``x``, else None."""
+        return self._cast_weights(x) if self._fused(x) else None
+
     def _fused(self, x: Tensor) -> bool:
         # The fused per-expert loop (nn/ops/grouped_mlp.py), unless the CUDA grouped GEMM takes the rows.
         weights = [w for w in (self.w1, self.w2, self.w3) if w is not None]

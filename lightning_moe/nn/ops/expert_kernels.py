@@ -67,9 +67,24 @@ def expert_forward(x_CD: Tensor, w1: Tensor, w3: Tensor | None, b1: Tensor | Non
     return h_CH, s_CH, g_CH, a_CH
 
 
+def _mm_grad(a: Tensor, b: Tensor, grad: Tensor, accumulate: bool) -> None:
+    if accumulate:
+        grad.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=grad)
+
+
+def _sum_grad(g: Tensor, grad: Tensor, accumulate: bool) -> None:
+    if accumulate:
+        grad.add_(g.sum(0))
+    else:
+        torch.sum(g, 0, out=grad)
+
+
 def expert_backward(x_CD: Tensor, g_CD: Tensor, acts: Acts, weights: tuple, grads: tuple, activation: str,
-                    gx_out: Tensor | None = None) -> Tensor | None:
-    """Gradients of one expert: its weights' written into ``grads``; returns the input's (into ``gx_out`` if given).
+                    gx_out: Tensor | None = None, accumulate: bool = False) -> Tensor | None:
+    """Gradients of one expert: its weights' written (or, ``accumulate``, added) into ``grads``; returns the
+    input's (into ``gx_out`` if given).
 
     Args:
         weights: the expert's ``(w1, w2, w3)`` (``[D, H]``, ``[H, D]``, ``[D, H]`` or None).
@@ -79,9 +94,9 @@ def expert_backward(x_CD: Tensor, g_CD: Tensor, acts: Acts, weights: tuple, grad
     gw1, gw2, gw3, gb1, gb2, need_x = grads
     a_CH = acts[-1]
     if gw2 is not None:
-        torch.mm(a_CH.t(), g_CD, out=gw2)
+        _mm_grad(a_CH.t(), g_CD, gw2, accumulate)
     if gb2 is not None:
-        torch.sum(g_CD, 0, out=gb2)
+        _sum_grad(g_CD, gb2, accumulate)
     ga_CH = torch.mm(g_CD, w2.t())
     gg_CH = None  # SwiGLU: gradient of the gate input x w3
     if w3 is not None:
@@ -89,7 +104,7 @@ def expert_backward(x_CD: Tensor, g_CD: Tensor, acts: Acts, weights: tuple, grad
         gg_CH = ga_CH * s_CH
         gh_CH = _SILU_BACKWARD(ga_CH.mul_(g3_CH), h_CH)
         if gw3 is not None:
-            torch.mm(x_CD.t(), gg_CH, out=gw3)
+            _mm_grad(x_CD.t(), gg_CH, gw3, accumulate)
     elif activation == "gelu":
         gh_CH = _GELU_BACKWARD(ga_CH, acts[0])
     elif activation == "silu":
@@ -97,9 +112,9 @@ def expert_backward(x_CD: Tensor, g_CD: Tensor, acts: Acts, weights: tuple, grad
     else:  # relu
         gh_CH = ga_CH.masked_fill_(acts[0] <= 0, 0)
     if gb1 is not None:
-        torch.sum(gh_CH, 0, out=gb1)
+        _sum_grad(gh_CH, gb1, accumulate)
     if gw1 is not None:
-        torch.mm(x_CD.t(), gh_CH, out=gw1)
+        _mm_grad(x_CD.t(), gh_CH, gw1, accumulate)
     if not need_x:
         return None
     gx_CD = torch.mm(gh_CH, w1.t()) if gx_out is None else torch.mm(gh_CH, w1.t(), out=gx_out)
@@ -126,31 +141,47 @@ def _zero_expert(grads: Sequence[Tensor | None]) -> None:
 
 def grouped_forward(x_MD: Tensor, counts: Sequence[int], w1: Tensor, w2: Tensor, w3: Tensor | None,
                     b1: Tensor | None, b2: Tensor | None, activation: str, keep: Keep,
-                    out_buffers: Buffers = None) -> Tensor:
-    """``y_MD``: expert ``e`` on rows ``counts[e]`` of ``x_MD``."""
-    y_MD = x_MD.new_empty((x_MD.shape[0], w2.shape[-1]))
-    params = _per_expert((w1, w2, w3, b1, b2), len(counts))
-    for e, rows in expert_rows(counts):
+                    out_buffers: Buffers = None, segment_experts: Sequence[int] | None = None,
+                    y_out: Tensor | None = None) -> Tensor:
+    """``y_MD``: segment ``i`` (``counts[i]`` rows of ``x_MD``) through expert ``segment_experts[i]`` (default
+    ``i``), into ``y_out`` when given; ``keep(i, acts)`` per segment."""
+    y_MD = x_MD.new_empty((x_MD.shape[0], w2.shape[-1])) if y_out is None else y_out
+    params = _per_expert((w1, w2, w3, b1, b2), w1.shape[0])
+    for i, rows in expert_rows(counts):
         if rows.start == rows.stop:
             continue
-        e_w1, e_w2, e_w3, e_b1, e_b2 = params[e]
-        acts = expert_forward(x_MD[rows], e_w1, e_w3, e_b1, activation, out_buffers and out_buffers(e, rows))
+        e_w1, e_w2, e_w3, e_b1, e_b2 = params[i if segment_experts is None else segment_experts[i]]
+        acts = expert_forward(x_MD[rows], e_w1, e_w3, e_b1, activation, out_buffers and out_buffers(i, rows))
         _mm(acts[-1], e_w2, e_b2, y_MD[rows])
-        keep(e, acts)
+        keep(i, acts)
     return y_MD
 
 
 def grouped_backward(grad_MD: Tensor, x_MD: Tensor, counts: Sequence[int], weights: tuple, grads: tuple,
-                     activation: str, fetch: Fetch) -> Tensor | None:
-    """Weight gradients into ``grads``; returns ``gx_MD`` (None when ``grads[-1]`` says it is not needed)."""
-    gx_MD = torch.empty_like(x_MD) if grads[-1] else None
-    params, expert_grads = _per_expert(weights, len(counts)), _per_expert(grads[:-1], len(counts))
-    for e, rows in reversed(expert_rows(counts)):
+                     activation: str, fetch: Fetch, segment_experts: Sequence[int] | None = None,
+                     written: set[int] | None = None, gx_out: Tensor | None = None) -> Tensor | None:
+    """Backward of :func:`grouped_forward`: weight gradients into ``grads``; returns ``gx_MD`` (into ``gx_out``
+    when given; None when ``grads[-1]`` says it is not needed).
+
+    An expert in several segments sums their gradients. ``written``: the experts whose gradient a previous call
+    already wrote (this call adds to them, and records the ones it writes); without it, this call writes every
+    expert's gradient itself, zeros for an expert without rows.
+    """
+    gx_MD = (torch.empty_like(x_MD) if gx_out is None else gx_out) if grads[-1] else None
+    num_experts = weights[0].shape[0]
+    params, expert_grads = _per_expert(weights, num_experts), _per_expert(grads[:-1], num_experts)
+    done: set[int] = set() if written is None else written
+    for i, rows in reversed(expert_rows(counts)):
         if rows.start == rows.stop:
-            _zero_expert(expert_grads[e])
             continue
-        expert_backward(x_MD[rows], grad_MD[rows], fetch(e, rows), params[e], (*expert_grads[e], grads[-1]),
-                        activation, None if gx_MD is None else gx_MD[rows])
+        e = i if segment_experts is None else segment_experts[i]
+        expert_backward(x_MD[rows], grad_MD[rows], fetch(i, rows), params[e], (*expert_grads[e], grads[-1]),
+                        activation, None if gx_MD is None else gx_MD[rows], accumulate=e in done)
+        done.add(e)
+    if written is None:
+        for e in range(num_experts):
+            if e not in done:
+                _zero_expert(expert_grads[e])
     return gx_MD
 
 
