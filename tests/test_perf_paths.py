@@ -6,8 +6,13 @@ free what they should when they should, and go through autograd's saved-tensor h
 
 from __future__ import annotations
 
+import copy
 import gc
+import json
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +250,47 @@ def test_fused_layer_runs_in_inference_mode_and_saves_nothing():
     with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
         layer(x)
     assert not packed
+
+
+GPU_CHECK = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_gpu_check_says_there_is_no_gpu_and_exits_2():
+    proc = subprocess.run([sys.executable, str(GPU_CHECK)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_part_at_toy_sizes_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(GPU_CHECK), "--cpu-smoke", "--json", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert {"layer", "floor", "layer / floor"} <= results["layer"].keys()
+    assert results["lm_example"]["tokens_per_second"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # fused kernels; the grouped GEMM (bf16)
+def test_layer_on_cuda_matches_the_cpu(dtype):
+    torch.manual_seed(0)
+    cpu = MoE(64, 8, top_k=2, hidden_dim=128, activation="swiglu")
+    cuda = copy.deepcopy(cpu).to("cuda", dtype)
+    x = torch.randn(256, 64)
+    x_cuda = x.to("cuda", dtype).requires_grad_(True)
+    x.requires_grad_(True)
+    y, y_cuda = cpu(x), cuda(x_cuda)
+    y.square().sum().backward()
+    y_cuda.float().square().sum().backward()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2  # relative to the largest magnitude
+
+    def close(got, want):
+        assert (got.float().cpu() - want).abs().max() <= tolerance * want.abs().max().clamp_min(1e-6)
+
+    close(y_cuda, y)
+    close(x_cuda.grad, x.grad)
+    for p, q in zip(cuda.parameters(), cpu.parameters(), strict=True):
+        close(p.grad, q.grad)
