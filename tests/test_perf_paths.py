@@ -226,6 +226,24 @@ def test_fused_local_layer_matches_the_generic_dispatch_path(option):
     torch.testing.assert_close(layers[0].tokens_per_expert, layers[1].tokens_per_expert)
 
 
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+@pytest.mark.parametrize("template", [False, True])
+def test_local_layer_runs_its_experts_through_its_dispatcher(router, template):
+    """The fused local path is the LocalDispatcher's: the layer never goes around its dispatcher."""
+    calls = []
+
+    class Counting(LocalDispatcher):
+        def routed(self, *args, **kwargs):
+            calls.append(type(args[4]).__name__)
+            return super().routed(*args, **kwargs)
+
+    expert = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.GELU(), torch.nn.Linear(12, 8)) if template else None
+    layer = MoE(8, 4, top_k=2, hidden_dim=12, router=router, expert=expert)
+    layer.dispatcher = Counting()
+    layer(torch.randn(5, 8)).sum().backward()
+    assert calls == ["TemplateExperts" if template else "GroupedExperts"]
+
+
 def test_fused_experts_under_autocast_match_the_loop_in_bfloat16():
     torch.manual_seed(0)
     layer = MoE(16, 4, top_k=2, hidden_dim=32)

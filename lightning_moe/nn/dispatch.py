@@ -7,7 +7,10 @@ buffer ``x_MD`` with ``kept_counts_E`` rows per expert, then makes two calls on 
    host sync of the layer: per-expert counts size the expert GEMMs and the all-to-all splits);
 2. ``y_MD = dispatcher(x_MD, plan, experts)``: the expert outputs of those rows, in the same order.
 
-:class:`LocalDispatcher` (the default) runs every expert here. The expert-parallel dispatcher
+:class:`LocalDispatcher` (the default) runs every expert here. It also offers the whole local data path in
+one call, :meth:`LocalDispatcher.routed` (gather, experts, weighted combine): experts that implement
+:class:`RoutedExperts` (:class:`~lightning_moe.nn.GroupedExperts`) then run it fused, expert by expert,
+without the ``[M, D]`` buffers (``nn/ops``). The expert-parallel dispatcher
 (:class:`~lightning_moe.distributed.ExpertParallelDispatcher`) and the planning-only one
 (:class:`~lightning_moe.distributed.simulated.SimulatedExpertParallel`) implement the same protocol;
 the strategy installs them from outside (``layer.expert_dispatcher``), the layer knows no process group.
@@ -26,6 +29,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from lightning_moe.nn.ops.combine import weighted_combine
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,6 +135,20 @@ class ExpertDispatcher(Protocol):
         ...
 
 
+@runtime_checkable
+class RoutedExperts(Protocol):
+    """Experts that gather their rows, run and combine them back per token in one call (the local fast path).
+
+    ``forward_routed(x_TD, token_N, weights_N, counts)`` must equal
+    ``weighted_combine(experts(x_TD[token_M], counts), weights_M, token_M, T)`` over the first
+    ``M = sum(counts)`` rows, ``counts`` a LongTensor or host ints.
+    """
+
+    def forward_routed(self, x_TD: Tensor, token_N: Tensor, weights_N: Tensor,
+                       counts: Tensor | Sequence[int]) -> Tensor:
+        ...
+
+
 class LocalDispatcher:
     """The default dispatcher: this process holds every expert; no exchange.
 
@@ -148,6 +167,32 @@ class LocalDispatcher:
     def __call__(self, x_MD: Tensor, plan: DispatchPlan, experts: nn.Module) -> Tensor:
         return experts(x_MD, plan.local_counts)
 
+    def routed(self, x_TD: Tensor, token_N: Tensor, weights_N: Tensor, kept_counts_E: Tensor, experts: nn.Module,
+               host_counts: Sequence[int] | None = None) -> Tensor:
+        """The local data path in one call: rows ``token_N`` through ``experts``, weighted back per token.
+
+        Args:
+            x_TD: tokens.
+            token_N: token of each assignment, kept ones first grouped by expert (``kept_counts_E[e]`` for
+                expert ``e``), dropped ones after them (ignored).
+            weights_N: routing weight of each assignment.
+            kept_counts_E: LongTensor ``[E]`` of kept rows per expert.
+            experts: the layer's experts; :class:`RoutedExperts` run it fused.
+            host_counts: ``kept_counts_E`` on the host when the caller knows it (no sync then).
+
+        Returns:
+            ``out_TD``: per token the weighted sum of its kept rows' expert outputs.
+        """
+        if isinstance(experts, RoutedExperts):
+            # The experts read the counts on the host themselves (the layer's one sync; under torch.compile
+            # inside a custom operator, so without a graph break).
+            return experts.forward_routed(x_TD, token_N, weights_N,
+                                          host_counts if host_counts is not None else kept_counts_E)
+        plan = self.plan(kept_counts_E, host_counts)
+        token_M, weights_M = token_N[: plan.num_sent], weights_N[: plan.num_sent]
+        return weighted_combine(self(x_TD.index_select(0, token_M), plan, experts), weights_M, token_M,
+                                x_TD.shape[0])
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -165,4 +210,4 @@ def expert_output_dtype(x_MD: Tensor) -> torch.dtype:
     return x_MD.dtype
 
 
-__all__ = ["DispatchPlan", "ExpertDispatcher", "LocalDispatcher", "expert_output_dtype"]
+__all__ = ["DispatchPlan", "ExpertDispatcher", "LocalDispatcher", "RoutedExperts", "expert_output_dtype"]

@@ -437,10 +437,9 @@ class MoE(nn.Module):
                      host_counts: list[int] | None = None) -> Tensor:
         """Rows ``token_N`` (``kept_counts_E[e]`` per expert, dropped ones last) through the experts, combined per
         token; ``host_counts``: ``kept_counts_E`` when known on the host (expert choice)."""
-        if self.expert_dispatcher is None and isinstance(self.experts, GroupedExperts):
-            # Local: gather, experts, combine fused expert by expert (nn/ops); it reads the counts on the host
-            # itself (the layer's one sync; under torch.compile inside a custom operator: no graph break).
-            return self.experts.forward_routed(x_TD, token_N, weights_N, host_counts or kept_counts_E)
+        if isinstance(self.dispatcher, LocalDispatcher):
+            # Local: gather, experts and combine in one call (fused expert by expert for GroupedExperts, nn/ops).
+            return self.dispatcher.routed(x_TD, token_N, weights_N, kept_counts_E, self.experts, host_counts)
         # NOTE: the one host sync of the layer: per-expert counts size the expert GEMMs (an expert-parallel
         # dispatcher exchanges counts with its peers in the same sync).
         plan = self.dispatcher.plan(kept_counts_E, host_counts=host_counts)
