@@ -13,7 +13,7 @@ update the ``checked`` versions.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +105,7 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
 flatten_dense_tensors = _flatten_dense_tensors
 unflatten_dense_tensors = _unflatten_dense_tensors
 # The CUDA grouped GEMM; None when this build lacks it (callers then take their per-expert loop).
-grouped_mm = getattr(torch, "_grouped_mm", None)
+grouped_mm: Callable[..., torch.Tensor] | None = getattr(torch, "_grouped_mm", None)
 
 
 def make_saved_tensor(tensor: torch.Tensor) -> Any:
@@ -118,7 +118,7 @@ def make_saved_tensor(tensor: torch.Tensor) -> Any:
 
 
 # int8 weight x float activation GEMM; None when this build lacks it.
-weight_int8pack_mm = getattr(torch, "_weight_int8pack_mm", None)
+weight_int8pack_mm: Callable[..., torch.Tensor] | None = getattr(torch, "_weight_int8pack_mm", None)
 # The feed-forward method of nn.TransformerEncoderLayer / nn.TransformerDecoderLayer that upcycle overrides.
 FF_BLOCK = "_ff_block"
 # nn.TransformerEncoderLayer.forward takes the fused kernel (torch._transformer_encoder_layer_fwd, which

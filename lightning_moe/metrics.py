@@ -80,8 +80,9 @@ class ExpertLoad(Metric):
     """
 
     is_differentiable = False
-    higher_is_better = None
+    higher_is_better: bool | None = None
     full_state_update = False
+    tokens: Tensor  # metric state, registered by add_state (annotated for type checkers)
 
     def __init__(self, num_experts: int, normalize: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -169,6 +170,9 @@ class DroppedTokenRate(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    # Metric states, registered by add_state (annotated for type checkers).
+    dropped: Tensor
+    assignments: Tensor
 
     def __init__(self, num_experts: int | None = None, capacity_factor: float | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -224,6 +228,9 @@ class RoutingEntropy(Metric):
     is_differentiable = False
     higher_is_better = None
     full_state_update = False
+    # Metric states, registered by add_state (annotated for type checkers).
+    entropy_sum: Tensor
+    tokens: Tensor
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -122,7 +122,8 @@ class MoELightningModule(LightningModule):
         step = getattr(cls, "training_step", None)
         # Also wraps a training_step inherited from a mixin that is not an MoELightningModule.
         if inspect.isfunction(step) and step is not LightningModule.training_step and not getattr(step, _WRAPPED, 0):
-            cls.training_step = _wrap_training_step(step)
+            # A method replaced on the class on purpose: setattr, as mypy rejects assigning to a method.
+            setattr(cls, "training_step", _wrap_training_step(step))  # noqa: B010
 
     def moe_layers(self) -> list[tuple[str, MoE]]:
         """Every :class:`~lightning_moe.MoE` layer in the module tree, with its module path.

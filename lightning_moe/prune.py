@@ -117,9 +117,10 @@ def remove_experts(layer: MoE, keep_E: Tensor) -> Remap:
         setattr(module, attr, old.index_select(0, keep_J.to(old.device)).clone())
 
     # 1. Router: one gate row (and bias entry) per expert.
-    router = layer.router
-    shrink_param(router.gate, "weight")
-    router.gate.out_features = k
+    router, gate = layer.router, layer.router.gate
+    assert isinstance(gate, nn.Linear)  # every MoE router scores with an nn.Linear gate
+    shrink_param(gate, "weight")
+    gate.out_features = k
     if getattr(router, "expert_bias", None) is not None:
         shrink_buffer(router, "expert_bias")
     router.num_experts = k

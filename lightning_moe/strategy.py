@@ -24,6 +24,7 @@ holding the same experts; models built on the meta device are materialised shard
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -61,6 +62,11 @@ DATA_PARALLEL = ("ddp", "fsdp")
 _SHARDED_BY_US = "_lightning_moe_fsdp"  # set on a LightningModule once shard_model ran on it
 
 __all__ = ["MoEStrategy", "consolidate_checkpoint"]
+
+
+def _override_method(obj: object, name: str, method: Callable[..., Any]) -> None:
+    """Shadow ``obj``'s method ``name`` with ``method`` on this instance only; ``vars(obj).pop(name)`` undoes it."""
+    setattr(obj, name, method)
 
 
 class MoEStrategy(StrategyCheckpoints):
@@ -188,9 +194,10 @@ class MoEStrategy(StrategyCheckpoints):
         _compat.set_ddp_ignored_names(module, sorted(ignored))
         if ep > 1:
             # Norm clipping must see the norm of the whole model, experts of every rank included.
-            self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
+            _override_method(self.precision_plugin, "clip_grad_by_norm", self.clip_grad_by_norm)
         self._pending_grads.clear()
-        self.precision_plugin.clip_gradients = self._clip_gradients  # manual optimization: reduce, then clip
+        # manual optimization: reduce, then clip
+        _override_method(self.precision_plugin, "clip_gradients", self._clip_gradients)
         self._hand_clip.install()
         super().setup(trainer)
 
@@ -226,11 +233,13 @@ class MoEStrategy(StrategyCheckpoints):
             if fake.is_fake_backend():  # a dry run: all-gather buffers written, as a real backend writes them
                 for unit in module.modules():
                     if fsdp.is_sharded(unit):
-                        unit.set_custom_all_gather(fake.WrittenAllGather())
+                        # torch annotates the argument with its private AllGather ABC (no public name);
+                        # WrittenAllGather implements that interface (allocate, __call__).
+                        unit.set_custom_all_gather(fake.WrittenAllGather())  # type: ignore[arg-type]
             if materialise_now:
                 materialise(module, self._init_seed(), self.root_device)
         self.model = module
-        self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_norm
+        _override_method(self.precision_plugin, "clip_grad_by_norm", self.clip_grad_by_norm)
         if trainer.state.fn == TrainerFn.FITTING:
             _compat.reset_optimizers(self)  # a new fit makes new optimizers over the same shards
             self.setup_optimizers(trainer)
@@ -301,6 +310,7 @@ class MoEStrategy(StrategyCheckpoints):
 
     def _layout(self) -> ShardLayout:
         module = self.lightning_module
+        assert module is not None  # a layout is asked for only once a module is attached
         return ShardLayout([s for _, layer in find_moe_layers(module) if (s := expert_shard(layer)) is not None])
 
     # ------------------------------------------------------------------------------------------
@@ -393,7 +403,9 @@ class MoEStrategy(StrategyCheckpoints):
         if self._data_parallel == "fsdp":
             fsdp.clip_grad_norm_(self.precision_plugin.main_params(optimizer), clip_val, self.root_device)
             return
-        gradients.clip_grad_norm(self.precision_plugin.main_params(optimizer), expert_parameters(self.lightning_module),
+        module = self.lightning_module
+        assert module is not None  # clipping runs inside a fit
+        gradients.clip_grad_norm(self.precision_plugin.main_params(optimizer), expert_parameters(module),
                                  clip_val, self.expert_group, self.root_device)
 
     def _agree_on_nonfinite(self, params: list[Tensor]) -> None:

@@ -163,7 +163,7 @@ def upcycle(
     """
     _validate(num_experts, top_k, noise, target, moe_kwargs)
     report = UpcycleReport(num_experts=num_experts, top_k=top_k, params_before=num_params(model))
-    matches = _default_match if target is None else _target_match(target)
+    matches = _target_match(target)
     converter = Converter(num_experts, top_k, noise, moe_kwargs)
 
     claimed: list[str] = []
@@ -230,6 +230,8 @@ def _default_match(name: str, module: nn.Module) -> bool:
 
 
 def _target_match(target: Target) -> Callable[[str, nn.Module], bool]:
+    if target is None:
+        return _default_match
     if isinstance(target, (type, tuple)):
         return lambda name, module: isinstance(module, target)
     if isinstance(target, str):

@@ -150,8 +150,9 @@ class Converter:
 
     # -- nn.TransformerEncoderLayer / nn.TransformerDecoderLayer -------------------------------------
 
-    def _transformer_layer(self, name: str, layer: nn.Module) -> UpcycledModule:
-        cls = type(layer)
+    def _transformer_layer(self, name: str,
+                           layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer) -> UpcycledModule:
+        cls: type = type(layer)
         base = nn.TransformerEncoderLayer if isinstance(layer, nn.TransformerEncoderLayer) else \
             nn.TransformerDecoderLayer
         if getattr(cls, _compat.FF_BLOCK) is not getattr(base, _compat.FF_BLOCK):
@@ -189,8 +190,10 @@ class Converter:
             probe = GroupedExperts(1, dim, hidden, activation, bias=bias, device=first.weight.device,
                                    dtype=first.weight.dtype)
             _fill_stacked(probe, first, spec["up"], down)
-            if _same_function(module, lambda x, p=probe: p(x.reshape(-1, dim), [x.shape[:-1].numel()]).reshape(
-                    x.shape), dim, first.weight):
+            def candidate(x: Tensor, p: GroupedExperts = probe) -> Tensor:
+                return p(x.reshape(-1, dim), [x.shape[:-1].numel()]).reshape(x.shape)
+
+            if _same_function(module, candidate, dim, first.weight):
                 moe = self._new_moe(dim, hidden, activation, bias, first.weight)
                 up_weight = spec["up"].weight.t() if spec["up"] is not None else None
                 self._copy_stacked(moe, first.weight.t(), first.bias, down.weight.t(), down.bias, up_weight)
@@ -237,6 +240,7 @@ class Converter:
     def _copy_stacked(self, moe: MoE, w1_DH: Tensor, b1_H: Tensor | None, w2_HD: Tensor, b2_D: Tensor | None,
                       w3_DH: Tensor | None) -> None:
         experts = moe.experts
+        assert isinstance(experts, GroupedExperts)  # built by _new_moe: stacked experts
         with torch.no_grad():
             for param, dense in ((experts.w1, w1_DH), (experts.w2, w2_HD), (experts.w3, w3_DH),
                                  (experts.b1, b1_H), (experts.b2, b2_D)):
@@ -277,8 +281,8 @@ def _stacked_spec(module: nn.Module) -> dict | None:
     """The projections of a recognised MLP, or None. Keys: first (w1 / gate), up (w3 or None), down, activations."""
     children = dict(module.named_children())
     for gate, up, down in SWIGLU_TRIPLES:
-        if all(isinstance(children.get(n), nn.Linear) for n in (gate, up, down)):
-            g, u, d = children[gate], children[up], children[down]
+        g, u, d = children.get(gate), children.get(up), children.get(down)
+        if isinstance(g, nn.Linear) and isinstance(u, nn.Linear) and isinstance(d, nn.Linear):
             # GroupedExperts has no bias for w3: an up projection with a bias goes to template experts.
             if g.weight.shape == u.weight.shape and d.weight.shape == g.weight.t().shape and u.bias is None:
                 return {"first": g, "up": u, "down": d, "activations": ["swiglu"]}
@@ -298,8 +302,8 @@ def _stacked_spec(module: nn.Module) -> dict | None:
 
 def _activations_of(children) -> list[str]:
     # An activation module among the children decides; otherwise (F.gelu in forward) try each on a probe.
-    found = [_activation_name(m) for m in children if isinstance(m, (nn.ReLU, nn.GELU, nn.SiLU))]
-    found = [a for a in found if a is not None]
+    names = [_activation_name(m) for m in children if isinstance(m, (nn.ReLU, nn.GELU, nn.SiLU))]
+    found = [a for a in names if a is not None]
     return found[:1] if found else ["gelu", "relu", "silu"]
 
 
@@ -318,9 +322,11 @@ def _fill_stacked(experts: GroupedExperts, first: nn.Linear, up: nn.Linear | Non
         experts.w1[0].copy_(first.weight.t())
         experts.w2[0].copy_(down.weight.t())
         if up is not None:
+            assert experts.w3 is not None  # an up projection comes with activation="swiglu"
             experts.w3[0].copy_(up.weight.t())
         if experts.b1 is not None:
             experts.b1[0].copy_(first.bias if first.bias is not None else torch.zeros_like(experts.b1[0]))
+        if experts.b2 is not None:
             experts.b2[0].copy_(down.bias if down.bias is not None else torch.zeros_like(experts.b2[0]))
 
 

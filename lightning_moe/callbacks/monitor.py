@@ -11,7 +11,7 @@ Shape legend (the package's, see :mod:`lightning_moe.nn`): Y MoE layers, E exper
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Protocol, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,16 @@ from torch import Tensor
 from lightning_moe.nn.moe import MoE, find_moe_layers
 
 _INSTALL_HINT = "pip install 'lightning-moe[examples]'"
+
+
+class _ImageLogger(Protocol):
+    """A logger with ``log_image`` (e.g. ``WandbLogger``)."""
+
+    def log_image(self, key: str, images: list[Any], step: int | None = None) -> None: ...
+
+
+def _logs_images(logger: object) -> TypeGuard[_ImageLogger]:
+    return callable(getattr(logger, "log_image", None))
 
 
 def _require_matplotlib() -> None:
@@ -131,7 +141,7 @@ class ExpertLoadMonitor(Callback):
         counts = torch.cat([layer.tokens_per_expert * r for (_, layer), r in zip(self._layers, ran, strict=True)])
         dropped = torch.stack([layer.dropped_tokens * r for (_, layer), r in zip(self._layers, ran, strict=True)])
         assignments = torch.stack([layer.assignments * r for (_, layer), r in zip(self._layers, ran, strict=True)])
-        if self._counts is None:
+        if self._counts is None or self._dropped is None or self._assignments is None:  # all set together
             self._counts, self._dropped, self._assignments = counts, dropped, assignments
         else:
             self._counts += counts
@@ -150,11 +160,13 @@ class ExpertLoadMonitor(Callback):
 
     def _render(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         layers, sizes = self._layers, self._sizes
+        # Callers render a window that counted a batch (the three accumulators are set together).
+        assert self._counts is not None and self._dropped is not None and self._assignments is not None
         state = torch.cat([self._counts, self._dropped, self._assignments])
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.all_reduce(state, op=dist.ReduceOp.SUM)
         loggers = [lg for lg in trainer.loggers
-                   if isinstance(lg, TensorBoardLogger) or callable(getattr(lg, "log_image", None))]
+                   if isinstance(lg, TensorBoardLogger) or _logs_images(lg)]
         write_png = self.save_png or (self.save_png is None and not loggers)
         # trainer.log_dir broadcasts: every rank calls it.
         log_dir = (trainer.log_dir or trainer.default_root_dir) if write_png else None
@@ -172,7 +184,7 @@ class ExpertLoadMonitor(Callback):
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(self.tag, image, global_step=step, dataformats="HWC")
-            else:
+            elif _logs_images(logger):
                 logger.log_image(key=self.tag, images=[image], step=step)
         if log_dir is not None:
             import matplotlib.image

@@ -193,7 +193,8 @@ class NonFiniteGuard(Callback):
 
     def _skip(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], local_bad: bool):
         names = {id(p): n for n, p in pl_module.named_parameters()}
-        culprits = [names.get(id(p), "?") for p in params if not bool(torch.isfinite(p.grad).all())][:3]
+        culprits = [names.get(id(p), "?") for p in params
+                    if p.grad is not None and not bool(torch.isfinite(p.grad).all())][:3]
         for p in params:
             p.grad = None
         self.skipped_steps += 1

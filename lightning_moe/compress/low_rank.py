@@ -136,6 +136,7 @@ class LowRankGroupedExperts(CompressedExperts):
             out.ranks[name], out.kept_energy[name] = r, float(kept_E.min())
         if experts.b1 is not None:
             out.b1 = nn.Parameter(experts.b1.detach().clone())
+        if experts.b2 is not None:
             out.b2 = nn.Parameter(experts.b2.detach().clone())
         return out
 
@@ -145,7 +146,7 @@ class LowRankGroupedExperts(CompressedExperts):
             return self._parameters[name]
         if f"{name}_a" not in self._parameters:
             return None
-        return self._parameters[f"{name}_a"] @ self._parameters[f"{name}_b"]
+        return self.get_parameter(f"{name}_a") @ self.get_parameter(f"{name}_b")
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, ranks={self.ranks}"
@@ -154,10 +155,10 @@ class LowRankGroupedExperts(CompressedExperts):
         # NOTE: unbind once per forward, not w[e] per expert: E separate selects would each
         # materialise a full-size zero gradient of the stacked parameter in backward.
         if name in self._parameters:
-            return [(w,) for w in self._parameters[name].unbind(0)]
+            return [(w,) for w in self.get_parameter(name).unbind(0)]
         if f"{name}_a" not in self._parameters:
             return None
-        a_EIU, b_EUO = self._parameters[f"{name}_a"], self._parameters[f"{name}_b"]
+        a_EIU, b_EUO = self.get_parameter(f"{name}_a"), self.get_parameter(f"{name}_b")
         return list(zip(a_EIU.unbind(0), b_EUO.unbind(0), strict=True))
 
     @staticmethod
@@ -171,6 +172,8 @@ class LowRankGroupedExperts(CompressedExperts):
         if len(counts) != self.num_experts:
             raise ValueError(f"{type(self).__name__}: got {len(counts)} counts for {self.num_experts} experts")
         w1, w2, w3 = (self._per_expert(name) for name in WEIGHTS)
+        if w1 is None or w2 is None:
+            raise RuntimeError(f"{type(self).__name__}: holds no w1/w2; build it with from_dense")
         b1 = self.b1.unbind(0) if self.b1 is not None else None
         b2 = self.b2.unbind(0) if self.b2 is not None else None
         outputs = []

@@ -7,6 +7,7 @@ one expert weight, M kept assignments, D model width, H expert hidden width.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,11 @@ class QuantizedGroupedExperts(CompressedExperts):
         torch.Size([6, 8])
     """
 
+    # Optional buffers, registered in __init__ (annotated for type checkers).
+    w3_q: Tensor | None
+    b1: Tensor | None
+    b2: Tensor | None
+
     def __init__(
         self,
         num_experts: int,
@@ -97,7 +103,7 @@ class QuantizedGroupedExperts(CompressedExperts):
             self.register_buffer(f"{name}_q", torch.zeros(num_experts, out_features, in_features, dtype=torch.int8,
                                                           device=device))
             self.register_buffer(f"{name}_scale", torch.ones(num_experts, out_features, device=device))
-        factory = {"dtype": bias_dtype, "device": device}
+        factory: dict[str, Any] = {"dtype": bias_dtype, "device": device}
         self.register_buffer("b1", torch.zeros(num_experts, hidden_dim, **factory) if bias else None)
         self.register_buffer("b2", torch.zeros(num_experts, dim, **factory) if bias else None)
 
@@ -128,8 +134,9 @@ class QuantizedGroupedExperts(CompressedExperts):
             q_EOI, scale_EO = quantize_per_channel(w_EIO, bits)
             getattr(out, f"{name}_q").copy_(q_EOI)
             getattr(out, f"{name}_scale").copy_(scale_EO)
-        if bias:
+        if out.b1 is not None and experts.b1 is not None:
             out.b1.copy_(experts.b1.detach())
+        if out.b2 is not None and experts.b2 is not None:
             out.b2.copy_(experts.b2.detach())
         return out
 
@@ -145,6 +152,9 @@ class QuantizedGroupedExperts(CompressedExperts):
     def _linear(self, x_CI: Tensor, name: str, e: int) -> Tensor:
         q_OI, scale_O = getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e]
         if self.kernel == "int8_mm":
+            if _compat.weight_int8pack_mm is None:
+                raise RuntimeError(f"{type(self).__name__}: this torch build has no torch._weight_int8pack_mm; "
+                                   "use kernel='dequant'")
             return _compat.weight_int8pack_mm(x_CI, q_OI, scale_O.to(x_CI.dtype))
         # Per-output-channel scales commute with the GEMM: scale the [C, O] output, not the weight.
         return F.linear(x_CI, q_OI.to(x_CI.dtype)) * scale_O.to(x_CI.dtype)

@@ -169,11 +169,12 @@ class ExpertParallelDispatcher(ShardedDispatcher):
         self.overlap = overlap
 
     def __call__(self, x_MD: Tensor, plan: DispatchPlan, experts: nn.Module) -> Tensor:
-        params = experts.fused_params(x_MD) if self.overlap and isinstance(experts, GroupedExperts) else None
-        if params is None or torch.compiler.is_compiling():
+        grouped = experts if self.overlap and isinstance(experts, GroupedExperts) else None
+        params = grouped.fused_params(x_MD) if grouped is not None else None
+        if grouped is None or params is None or torch.compiler.is_compiling():
             return super().__call__(x_MD, plan, experts)
         x_MD = x_MD.to(expert_output_dtype(x_MD))
-        return overlapped_experts(x_MD, plan, self.shard.ep_rank, self.group, params, experts.activation)
+        return overlapped_experts(x_MD, plan, self.shard.ep_rank, self.group, params, grouped.activation)
 
     def exchange_counts(self, send_counts_E: Tensor) -> Tensor:
         return all_to_all_counts(send_counts_E, self.group)
@@ -308,9 +309,12 @@ def unshard_moe_layer(layer: MoE) -> None:
     group = layer.dispatcher.group
     bank = layer.experts
     if shard.template:
+        if not isinstance(bank, TemplateExperts):
+            raise ValueError(f"unshard_moe_layer: layer {shard.path!r} was sharded as TemplateExperts but now holds "
+                             f"{type(bank).__name__}; build the layer again instead")
         P, L = shard.ep_size, shard.num_local
         local = list(bank.experts)
-        modules: list[nn.Module] = [None] * shard.num_experts
+        modules: dict[int, nn.Module] = {}  # global expert id -> module
         for i, module in enumerate(local):
             tensors = _module_tensors(module)
             gathered = [gather_experts(t, group, stack=True) for t in tensors]  # [P, *]: row r from EP rank r
@@ -319,12 +323,12 @@ def unshard_moe_layer(layer: MoE) -> None:
                 for tensor, full in zip(_module_tensors(replica), gathered, strict=True):
                     tensor.copy_(full[r])
                 modules[r * L + i] = replica
-        bank.experts = nn.ModuleList(modules)
+        bank.experts = nn.ModuleList(modules[g] for g in range(shard.num_experts))
     else:
         for name, param in _expert_tensors(bank):
             setattr(bank, name, nn.Parameter(gather_experts(param, group), requires_grad=param.requires_grad))
-    bank.num_experts = shard.num_experts
-    bank.expert_offset = 0
+    # torch types Module.__setattr__'s value as Tensor | Module, though any attribute value is allowed.
+    bank.num_experts, bank.expert_offset = shard.num_experts, 0  # type: ignore[assignment]
     layer.expert_dispatcher = None
 
 

@@ -23,7 +23,7 @@ local squared norms gives the norm of the whole model.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,9 @@ from torch import Tensor, nn
 
 from lightning_moe.nn.experts import GroupedExperts
 from lightning_moe.nn.moe import find_moe_layers
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 # Methods of a LightningModule that run a forward: FSDP unshards the root's parameters around them.
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
@@ -52,7 +55,7 @@ def is_dtensor(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def is_sharded(module: nn.Module) -> bool:
+def is_sharded(module: nn.Module) -> TypeGuard[FSDPModule]:
     """Whether ``fully_shard`` was applied to ``module`` (it is an ``FSDPModule``)."""
     return isinstance(module, _fsdp().FSDPModule)
 
@@ -222,7 +225,7 @@ def reshard(module: nn.Module) -> None:
     """Free every unit's unsharded parameters (the root keeps them after a forward without backward)."""
     for sub in module.modules():
         if is_sharded(sub):
-            sub.reshard()  # type: ignore[operator]
+            sub.reshard()
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ def gather_model_state(state: Mapping[str, Tensor], layout: ShardLayout, group: 
     blocks: dict[str, list[str]] = {}  # template layer prefix -> logical names in unsharded order
     for name, tensor in state.items():
         kind, shard, local, rest = layout.classify(name)
-        if kind == DENSE:
+        if shard is None:  # DENSE
             continue
         parts = _gather(tensor, kind, group, device)
         if parts is None:
@@ -77,14 +77,15 @@ def gather_model_state(state: Mapping[str, Tensor], layout: ShardLayout, group: 
     out: dict[str, Tensor] = {}
     for name, tensor in state.items():
         kind, shard, local, rest = layout.classify(name)
-        if kind == DENSE:
+        if shard is None:  # DENSE
             out[name] = tensor
         elif kind == GROUPED:
             out[name] = gathered[name]
         elif shard.prefix in blocks:  # first entry of the block: emit every expert, in global order
             for g in range(shard.num_experts):
-                for r in blocks[shard.prefix]:
-                    out[layout.template_name(shard, g, r)] = gathered[layout.template_name(shard, g, r)]
+                for block_rest in blocks[shard.prefix]:
+                    key = layout.template_name(shard, g, block_rest)
+                    out[key] = gathered[key]
             del blocks[shard.prefix]
     return out
 
@@ -156,7 +157,7 @@ def gather_optimizer_state(optimizer: Optimizer, olayout: OptimizerLayout, group
     out_state: dict[int, dict[str, Any]] = {}
     for idx, name in enumerate(olayout.local_names):
         kind, shard, i, rest = layout.classify(name)
-        if kind == DENSE:
+        if shard is None:  # DENSE
             if is_dst and idx in state:
                 out_state[olayout.logical_index[name]] = state[idx]
             continue
@@ -181,12 +182,13 @@ def gather_optimizer_state(optimizer: Optimizer, olayout: OptimizerLayout, group
             continue
         per_expert: list[dict[str, Any]] = [{} for _ in per_rank]  # TEMPLATE: each rank's expert i
         for key, desc in sorted(keys.items()):
+            values: list[Any] | None  # per rank: its expert's tensor, or the plain value
             if desc[0] == "tensor":
                 mine = state[idx][key] if idx in state else torch.zeros(desc[1], dtype=desc[2])
-                parts = _gather(mine, TEMPLATE, group, device)
+                values = _gather(mine, TEMPLATE, group, device)
             else:
-                parts = [h[key][1] if h is not None else None for h in per_rank]
-            for r, part in enumerate(parts or []):
+                values = [h[key][1] if h is not None else None for h in per_rank]
+            for r, part in enumerate(values or []):
                 per_expert[r][key] = part
         if is_dst:
             for r, h in enumerate(per_rank):

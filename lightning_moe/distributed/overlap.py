@@ -23,6 +23,7 @@ expert), D model width, P ranks of the group, L local experts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from lightning_moe.nn.ops import expert_kernels as K
 
 
 def overlapped_experts(x_MD: Tensor, plan: DispatchPlan, rank: int, group: dist.ProcessGroup | None,
-                       params: list[Tensor | None], activation: str) -> Tensor:
+                       params: Sequence[Tensor | None], activation: str) -> Tensor:
     """Rows out, experts, rows back, with this rank's own rows computed while the exchanges travel.
 
     Args:
@@ -89,10 +90,12 @@ class _Store:
 
     def fetcher(self, offset: int):
         def fetch(i: int, rows: slice) -> K.Acts:
-            if self.saved is None or self.saved[offset + i] is None:
+            saved = self.saved
+            packed = saved[offset + i] if saved is not None else None
+            if saved is None or packed is None:
                 raise RuntimeError("lightning_moe expert parallelism: backward ran twice through one forward; the "
                                    "first freed the saved activations (run the forward again)")
-            packed, self.saved[offset + i] = self.saved[offset + i], None
+            saved[offset + i] = None
             return tuple(s.unpack() for s in packed)
         return fetch
 

@@ -37,7 +37,10 @@ class ShardLayout:
         self.shards = sorted(shards, key=lambda s: len(s.prefix), reverse=True)  # innermost first
 
     def classify(self, name: str) -> tuple[str, ExpertShard | None, int, str]:
-        """``(kind, shard, local expert index, rest of the name)`` of a local state-dict name."""
+        """``(kind, shard, local expert index, rest of the name)`` of a local state-dict name.
+
+        ``shard`` is None exactly when ``kind`` is ``DENSE``.
+        """
         for shard in self.shards:
             if name.startswith(shard.prefix):
                 rest = name[len(shard.prefix):]
@@ -54,7 +57,9 @@ class ShardLayout:
 
     def logical_name(self, name: str) -> str:
         kind, shard, local, rest = self.classify(name)
-        return self.template_name(shard, shard.offset + local, rest) if kind == TEMPLATE else name
+        if shard is None or kind != TEMPLATE:
+            return name
+        return self.template_name(shard, shard.offset + local, rest)
 
 
 def local_model_state(state: Mapping[str, Tensor], local_state: Mapping[str, Tensor],
@@ -73,13 +78,13 @@ def local_model_state(state: Mapping[str, Tensor], local_state: Mapping[str, Ten
     out: dict[str, Tensor] = {}
     consumed = set()
     for name in local_state:
-        kind, shard, local, rest = layout.classify(name)
-        key = layout.template_name(shard, shard.offset + local, rest) if kind == TEMPLATE else name
+        kind, shard, _, _ = layout.classify(name)
+        key = layout.logical_name(name)
         if key not in state:
             continue
         consumed.add(key)
         value = state[key]
-        if kind == GROUPED:
+        if shard is not None and kind == GROUPED:
             value = _rows(value, shard)
         out[name] = value
     for key, value in state.items():
@@ -146,14 +151,14 @@ class OptimizerLayout:
         held: dict[str, set] = {}
         for name in local:
             kind, shard, i, rest = self.layout.classify(name)
-            if kind == TEMPLATE:
+            if shard is not None and kind == TEMPLATE:
                 if rest not in rests.setdefault(shard.prefix, []):
                     rests[shard.prefix].append(rest)
                 held.setdefault(shard.prefix, set()).add((i, rest))
         logical, emitted = [], set()
         for name in local:
             kind, shard, i, rest = self.layout.classify(name)
-            if kind != TEMPLATE:
+            if shard is None or kind != TEMPLATE:
                 logical.append(name)
                 continue
             if shard.prefix in emitted:
@@ -194,12 +199,12 @@ def local_optimizer_state(saved: Mapping[str, Any], olayout: OptimizerLayout) ->
     layout = olayout.layout
     state: dict[int, dict[str, Any]] = {}
     for idx, name in enumerate(olayout.local_names):
-        kind, shard, i, rest = layout.classify(name)
-        key = layout.template_name(shard, shard.offset + i, rest) if kind == TEMPLATE else name
+        kind, shard, _, _ = layout.classify(name)
+        key = layout.logical_name(name)
         if key not in by_name:
             continue
         st = dict(by_name[key])
-        if kind == GROUPED:
+        if shard is not None and kind == GROUPED:
             st = {k: _rows(v, shard) for k, v in st.items()}
         state[idx] = st
     groups, start = [], 0

@@ -44,7 +44,8 @@ def sharded_model_state(state: Mapping[str, Tensor], layout: ShardLayout, mesh) 
     out = {}
     for name, tensor in state.items():
         kind, shard, _, _ = layout.classify(name)
-        out[layout.logical_name(name)] = _dtensor(tensor, shard, mesh) if kind == GROUPED else tensor
+        stacked = shard if kind == GROUPED else None
+        out[layout.logical_name(name)] = _dtensor(tensor, stacked, mesh) if stacked is not None else tensor
     return out
 
 
@@ -56,8 +57,9 @@ def sharded_optimizer_state(optimizer: Optimizer, olayout: OptimizerLayout, mesh
     for idx, st in local["state"].items():
         name = olayout.local_names[idx]
         kind, shard, _, _ = layout.classify(name)
+        stacked = shard if kind == GROUPED else None
         state[layout.logical_name(name)] = {  # per-expert rows (factored states too) shard with the experts
-            k: _dtensor(v, shard, mesh) if kind == GROUPED and is_per_expert(v, shard.num_local) else v
+            k: _dtensor(v, stacked, mesh) if stacked is not None and is_per_expert(v, stacked.num_local) else v
             for k, v in st.items()
         }
     return {"state": state, "param_groups": olayout.param_groups(local["param_groups"], key=str)}
@@ -158,11 +160,12 @@ def load_sharded(path: Path, local_state: Mapping[str, Tensor], olayouts: list[O
 
     def wanted(key: str, kind: str, shard: ExpertShard | None, like: Tensor | None) -> None:
         md = metadata.get(key)
-        if md is None or not hasattr(md, "size"):
+        if not isinstance(md, dcp.TensorStorageMetadata):  # absent, or bytes
             return
         dtype = md.properties.dtype
         size = torch.Size(md.size)
-        if kind == GROUPED and like is not None and len(size) and size[0] == shard.num_experts and mesh is not None:
+        if (shard is not None and kind == GROUPED and like is not None and len(size) and size[0] == shard.num_experts
+                and mesh is not None):
             local = torch.empty((shard.num_local, *size[1:]), dtype=dtype, device=like.device)
             template[key] = _dtensor(local, shard, mesh)
         elif like is None or (key.startswith("optim") and not len(size)):
@@ -178,9 +181,9 @@ def load_sharded(path: Path, local_state: Mapping[str, Tensor], olayouts: list[O
     keys_by_name: dict[tuple[int, str], list[str]] = {}
     for key in metadata:
         if key.startswith("optim"):
-            j, rest = key[len("optim"):].split("/", 1)
+            index, rest = key[len("optim"):].split("/", 1)
             name, _ = rest.rsplit("/", 1)
-            keys_by_name.setdefault((int(j), name), []).append(key)
+            keys_by_name.setdefault((int(index), name), []).append(key)
     for j, olayout in enumerate(olayouts):
         for idx, name in enumerate(olayout.local_names):
             kind, shard, _, _ = layout.classify(name)
@@ -226,7 +229,7 @@ def consolidate_checkpoint(path: str | Path, output: str | Path | None = None) -
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     # NOTE: torch.empty reserves address space only; the pages are touched where a tensor is filled.
     template = {k: torch.empty(torch.Size(md.size), dtype=md.properties.dtype)
-                for k, md in metadata.items() if hasattr(md, "size")}
+                for k, md in metadata.items() if isinstance(md, dcp.TensorStorageMetadata)}
     meta = torch.load(path / META_FILENAME, weights_only=True)
     meta_optimizers = meta.pop("moe_optimizer_states", [])
     checkpoint = {**meta, "state_dict": {k[len("model/"):]: v for k, v in template.items() if k.startswith("model/")},

@@ -72,6 +72,7 @@ class HFMoEBlock(nn.Module):
         if not self.returns_router_scores:
             return out
         scores_TK, self._router_scores = self._router_scores, None
+        assert scores_TK is not None  # set by the router's forward hook (_keep_router_scores) inside self.moe(x)
         return out, scores_TK
 
     def _keep_router_scores(self, router: nn.Module, args, output) -> None:
@@ -126,7 +127,7 @@ def build_block(block: nn.Module, spec: BlockSpec, returns_router_scores: bool, 
     e, r = spec.experts, spec.router
     first = getattr(block.experts, "gate_up_proj" if e.has_gate else "up_proj")
     num_shared = 0
-    if spec.shared_name is not None:
+    if spec.shared_name is not None and spec.shared_hidden_dim is not None:  # read_shared sets both or neither
         num_shared = spec.shared_hidden_dim // e.hidden_dim if spec.shared_hidden_dim % e.hidden_dim == 0 else 1
     moe = MoE(e.dim, e.num_experts, r.top_k, hidden_dim=e.hidden_dim, activation=e.activation, score_func=r.score_func,
               normalize_weights=r.normalize_weights, router_bias=r.router_bias, use_expert_bias=r.use_expert_bias,

@@ -95,7 +95,8 @@ def find_blocks(model: nn.Module, strict: bool = True) -> tuple[list[tuple[str, 
     Raises:
         ValueError: (``strict``) for the first MoE-like block that breaks the convention, naming its type.
     """
-    found, skipped, claimed = [], [], []
+    found, skipped = [], []
+    claimed: list[str] = []
     for path, module in model.named_modules():
         if any(path.startswith(prefix + ".") for prefix in claimed):
             continue
@@ -273,7 +274,7 @@ def from_hf(model: nn.Module, *, aux_loss: str = "lightning_moe", aux_loss_coef:
             if verify:
                 returns_tuple[type(block)] = verify_block(block, spec, path, weights)[1]
             else:
-                first = next(iter(block.experts.parameters()))
+                first = next(iter(block.get_submodule("experts").parameters()))
                 returns_tuple[type(block)] = _returns_tuple(block, spec.experts.dim, first.device, first.dtype)
         wrapper, copied = build_block(block, spec, returns_tuple[type(block)], weights, **moe_kwargs)
         wrapper.train(block.training)

@@ -186,8 +186,9 @@ def read_shared(block: nn.Module, block_type: str) -> tuple[str | None, int | No
         mlp = getattr(block, name, None)
         if mlp is None:
             continue
-        parts = [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
-        if not all(isinstance(p, nn.Linear) for p in parts):
+        parts = [p for p in (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+                 if isinstance(p, nn.Linear)]
+        if len(parts) != 3:
             raise NotConvertible(f"{block_type}: shared expert {type(mlp).__name__} is not a gate_proj/up_proj/"
                                  "down_proj SwiGLU MLP")
         if any(p.bias is not None for p in parts):
@@ -197,6 +198,14 @@ def read_shared(block: nn.Module, block_type: str) -> tuple[str | None, int | No
             raise NotConvertible(f"{block_type}: shared expert {type(mlp).__name__} does not gate with SiLU")
         return name, parts[0].out_features
     return None, None
+
+
+def _tensor_attr(module: nn.Module, name: str) -> Tensor:
+    """``module.<name>``, which the caller checked is a tensor."""
+    value = getattr(module, name)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is a {type(value).__name__}, not a tensor")
+    return value
 
 
 def _attr(module: nn.Module, *names: str, default=None):
@@ -247,13 +256,16 @@ def probe_router(router: nn.Module, block_type: str, tokens: int = 96) -> Router
                              "before converting")
 
     probe = copy.deepcopy(router).float()
+    probe_weight = _tensor_attr(probe, "weight")
+    probe_bias = _tensor_attr(probe, "bias") if has_bias else None
+    probe_correction = _tensor_attr(probe, "e_score_correction_bias") if has_correction else None
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        probe.weight.copy_(torch.randn(num_experts, dim, generator=generator))
-        if has_bias:
-            probe.bias.copy_(torch.randn(num_experts, generator=generator))
-        if has_correction:
-            probe.e_score_correction_bias.copy_(torch.randn(num_experts, generator=generator) * 0.2)
+        probe_weight.copy_(torch.randn(num_experts, dim, generator=generator))
+        if probe_bias is not None:
+            probe_bias.copy_(torch.randn(num_experts, generator=generator))
+        if probe_correction is not None:
+            probe_correction.copy_(torch.randn(num_experts, generator=generator) * 0.2)
         x_TD = torch.randn(tokens, dim, generator=generator).div_(dim ** 0.5).to(weight.device)
         try:
             out = probe(x_TD)
@@ -271,17 +283,17 @@ def probe_router(router: nn.Module, block_type: str, tokens: int = 96) -> Router
                           scaling)
         ours = routing_router(spec, dim).to(weight.device)
         with torch.no_grad():
-            ours.gate.weight.copy_(probe.weight)
-            if has_bias:
-                ours.gate.bias.copy_(probe.bias)
-            if has_correction:
-                ours.expert_bias.copy_(probe.e_score_correction_bias)
+            ours.gate.weight.copy_(probe_weight)
+            if probe_bias is not None:
+                ours.gate.bias.copy_(probe_bias)
+            if probe_correction is not None:
+                ours.expert_bias.copy_(probe_correction)
             routing = ours(x_TD)
         ids_TK, weights_TK = _sorted_routing(routing.top_ids_TK, routing.top_weights_TK)
         if torch.equal(ids_TK, hf_ids_TK) and torch.allclose(weights_TK, hf_weights_TK, rtol=1e-5, atol=1e-6):
-            error = float((weights_TK - hf_weights_TK).abs().max())
-            if best is None or error < best[0]:
-                best = (error, spec)
+            gap = float((weights_TK - hf_weights_TK).abs().max())
+            if best is None or gap < best[0]:
+                best = (gap, spec)
     if best is not None:
         return best[1]
     raise NotConvertible(f"{block_type}: router {rname} routes like none of lightning_moe's token-choice routings "

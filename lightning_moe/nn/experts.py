@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ GATED_ACTIVATIONS = ("swiglu", "swiglu_oai")
 # GPT-OSS's defaults for its gated activation (transformers GptOssConfig swiglu_alpha/swiglu_limit).
 SWIGLU_OAI_ALPHA = 1.702
 SWIGLU_OAI_LIMIT = 7.0
+# [w1, w2, w3, b1, b2] of a bank in the GEMM dtype (None where absent), as the fused kernels take them.
+FusedWeights = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
 
 
 def activation_function(name: str):
@@ -108,7 +111,7 @@ class GroupedExperts(nn.Module):
                                  f"drop it or use activation='swiglu_oai' (activation={activation!r})")
             if value is not None and not value > 0:
                 raise ValueError(f"{name}: {arg}={value!r} must be > 0")
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_experts = num_experts
         self.dim = dim
         self.hidden_dim = hidden_dim
@@ -167,7 +170,7 @@ class GroupedExperts(nn.Module):
     def gated(self, gate_CH: Tensor, up_CH: Tensor) -> Tensor:
         """The gated activation of ``"swiglu"`` / ``"swiglu_oai"`` on the two hidden projections."""
         if self.activation == "swiglu_oai":
-            return swiglu_oai(gate_CH, up_CH, self.swiglu_alpha, self.swiglu_limit)
+            return swiglu_oai(gate_CH, up_CH, cast(float, self.swiglu_alpha), cast(float, self.swiglu_limit))
         return F.silu(gate_CH) * up_CH
 
     def forward(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
@@ -183,7 +186,7 @@ class GroupedExperts(nn.Module):
         if _grouped_mm_usable(x_MD, *weights) and self.b1 is None:
             return self._forward_grouped_mm(x_MD, counts)
         if self._fused(x_MD):
-            return grouped_mlp(*self._cast(x_MD), counts, *self._cast_weights(x_MD), activation=self.activation)
+            return grouped_mlp(self._cast(x_MD)[0], counts, *self._cast_weights(x_MD), activation=self.activation)
         return self._forward_loop(x_MD, counts)
 
     def forward_routed(self, x_TD: Tensor, token_N: Tensor, weights_N: Tensor, counts: Tensor | Sequence[int]
@@ -204,14 +207,14 @@ class GroupedExperts(nn.Module):
         if len(counts) != self.num_experts:
             raise ValueError(f"{type(self).__name__}: got {len(counts)} counts for {self.num_experts} experts")
         if self._fused(x_TD):
-            return routed_mlp(*self._cast(x_TD), token_N, weights_N, counts, *self._cast_weights(x_TD),
+            return routed_mlp(self._cast(x_TD)[0], token_N, weights_N, counts, *self._cast_weights(x_TD),
                               activation=self.activation)
         # NOTE: host sync (counts as a tensor): the expert GEMMs need their sizes.
         host = counts.tolist() if isinstance(counts, Tensor) else list(counts)
         token_M, weights_M = token_N[: sum(host)], weights_N[: sum(host)]
         return weighted_combine(self(x_TD.index_select(0, token_M), host), weights_M, token_M, x_TD.shape[0])
 
-    def fused_params(self, x: Tensor) -> list[Tensor | None] | None:
+    def fused_params(self, x: Tensor) -> FusedWeights | None:
         """``[w1, w2, w3, b1, b2]`` in the GEMM dtype for input ``x`` when the fused kernels
         (``nn/ops/expert_kernels.py``) can run this bank on ``x``, else None."""
         return self._cast_weights(x) if self._fused(x) else None
@@ -222,9 +225,9 @@ class GroupedExperts(nn.Module):
         grouped = _grouped_mm_usable(x, *weights) and self.b1 is None
         return not grouped and self.activation in FUSED_ACTIVATIONS and self.b3 is None
 
-    def _cast_weights(self, x: Tensor) -> list[Tensor | None]:
+    def _cast_weights(self, x: Tensor) -> FusedWeights:
         # The op runs without autocast: make autocast's choice of GEMM dtype explicit (differentiable casts).
-        return self._cast(x, self.w1, self.w2, self.w3, self.b1, self.b2)
+        return cast(FusedWeights, tuple(self._cast(x, self.w1, self.w2, self.w3, self.b1, self.b2)))
 
     @staticmethod
     def _cast(x: Tensor, *tensors: Tensor | None) -> list:
@@ -234,8 +237,8 @@ class GroupedExperts(nn.Module):
     def _forward_loop(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
         # NOTE: unbind, not w[e]: the backward of E separate w[e] selects materialises E full-size
         # zero gradients of [E, D, H] (16x slower at 64 experts); unbind's backward is one stack.
-        params = [p.unbind(0) if p is not None else [None] * self.num_experts
-                  for p in (self.w1, self.w2, self.w3, self.b1, self.b2, self.b3)]
+        params: list[Sequence[Any]] = [p.unbind(0) if p is not None else [None] * self.num_experts
+                                       for p in (self.w1, self.w2, self.w3, self.b1, self.b2, self.b3)]
         outputs = []
         for e, x_CD in enumerate(torch.split(x_MD, list(counts))):
             if x_CD.shape[0] == 0:
@@ -253,6 +256,7 @@ class GroupedExperts(nn.Module):
         return h_CH @ w2 if b2 is None else torch.addmm(b2, h_CH, w2)
 
     def _forward_grouped_mm(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
+        assert _compat.grouped_mm is not None  # _grouped_mm_usable checked it
         offsets = torch.tensor(counts, device=x_MD.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         h_MH = _compat.grouped_mm(x_MD, self.w1, offs=offsets)
         if self.w3 is not None:
@@ -307,8 +311,9 @@ class TemplateExperts(nn.Module):
 
 def _reset_all(module: nn.Module) -> None:
     for sub in module.modules():
-        if callable(getattr(sub, "reset_parameters", None)):
-            sub.reset_parameters()
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
 
 
 def _empty_output(x_MD: Tensor, dim: int, params) -> Tensor:

@@ -10,6 +10,8 @@ C expert-choice capacity.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import Tensor, nn
 
@@ -190,8 +192,8 @@ class MoE(nn.Module):
         self.shared_expert_hidden_dim = (shared_expert_hidden_dim or hidden_dim * num_shared_experts
                                          if num_shared_experts else None)
         self.layer_name: str | None = None  # set by MoELightningModule to the module path
-        factory = {"device": device, "dtype": dtype}
-        swiglu = {"swiglu_alpha": swiglu_alpha, "swiglu_limit": swiglu_limit}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        swiglu: dict[str, Any] = {"swiglu_alpha": swiglu_alpha, "swiglu_limit": swiglu_limit}
 
         if router == "token_choice":
             self.router: nn.Module = TokenChoiceRouter(
@@ -209,7 +211,7 @@ class MoE(nn.Module):
         else:
             self.experts = TemplateExperts(expert, num_experts)
         self.shared_experts = (
-            GroupedExperts(1, dim, self.shared_expert_hidden_dim, activation, bias=bias, **swiglu, **factory)
+            GroupedExperts(1, dim, cast(int, self.shared_expert_hidden_dim), activation, bias=bias, **swiglu, **factory)
             if num_shared_experts
             else None
         )
@@ -379,7 +381,7 @@ class MoE(nn.Module):
 
     def _shared(self, x_TD: Tensor) -> Tensor:
         """Shared experts on every token, scaled by their sigmoid gate when ``shared_expert_gate``."""
-        y_TD = self.shared_experts(x_TD, [x_TD.shape[0]])
+        y_TD = cast(GroupedExperts, self.shared_experts)(x_TD, [x_TD.shape[0]])  # not None: forward checked
         if self.shared_gate is not None:
             y_TD = torch.sigmoid(self.shared_gate(x_TD)) * y_TD
         return y_TD

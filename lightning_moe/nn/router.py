@@ -82,6 +82,8 @@ class TokenChoiceRouter(_Router):
         (torch.Size([5, 2]), True)
     """
 
+    expert_bias: Tensor  # persistent buffer, registered in __init__ (annotated for type checkers)
+
     def __init__(
         self,
         dim: int,

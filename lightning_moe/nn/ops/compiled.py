@@ -46,7 +46,7 @@ def _buffers(x_TD: Tensor, n: int, w1: Tensor, w2: Tensor, swiglu: bool) -> list
 def _routed_fwd(x_TD: Tensor, token_N: Tensor, w_N: Tensor, counts_E: Tensor, w1: Tensor, w2: Tensor,
                 w3: Tensor | None, b1: Tensor | None, b2: Tensor | None,
                 activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    h, s, g, a, y = buffers = _buffers(x_TD, token_N.shape[0], w1, w2, w3 is not None)
+    h, s, g, a, y = _buffers(x_TD, token_N.shape[0], w1, w2, w3 is not None)
 
     num_experts = w1.shape[0]
 
@@ -60,7 +60,7 @@ def _routed_fwd(x_TD: Tensor, token_N: Tensor, w_N: Tensor, counts_E: Tensor, w1
     with torch.autocast(x_TD.device.type, enabled=False):
         out_TD = K.routed_forward(x_TD, token_N, w_N, counts, w1, w2, w3, b1, b2, activation,
                                   keep=lambda e, acts: None, out_buffers=out_buffers)
-    return (out_TD, *buffers)
+    return out_TD, h, s, g, a, y
 
 
 @_routed_fwd.register_fake

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from torch import Tensor
 
 # Activations with a fused path (others take the reference loop of GroupedExperts).
 FUSED_ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
-_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+_ACT: dict[str, Callable[..., Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 _ACT_OUT = {"gelu": torch.ops.aten.gelu.out, "relu": torch.ops.aten.relu.out, "silu": torch.ops.aten.silu.out}
 _SILU_BACKWARD = torch.ops.aten.silu_backward.default
 _GELU_BACKWARD = torch.ops.aten.gelu_backward.default
@@ -195,7 +196,8 @@ def expert_chunks(counts: Sequence[int], width: int) -> list[tuple[slice, list[t
     at least): per group its rows and, per expert, ``(expert, its rows within the group)``."""
     limit = max(1, CHUNK_ELEMENTS // max(width, 1))
     chunks: list[tuple[slice, list[tuple[int, slice]]]] = []
-    start, members = 0, []
+    start = 0
+    members: list[tuple[int, slice]] = []
     for e, rows in expert_rows(counts):
         if members and rows.stop - start > limit:
             chunks.append((slice(start, rows.start), members))
@@ -225,7 +227,7 @@ def routed_forward(x_TD: Tensor, token_N: Tensor, w_N: Tensor, counts: Sequence[
             continue
         token_K = token_N[rows_K]
         x_KD = x_TD.index_select(0, token_K)
-        y_KD = out_buffers(num_experts + c, rows_K)[0] if out_buffers is not None else \
+        y_KD = cast(Tensor, out_buffers(num_experts + c, rows_K)[0]) if out_buffers is not None else \
             x_KD.new_empty((x_KD.shape[0], w2.shape[-1]))
         for e, sub in members:
             if sub.start == sub.stop:
@@ -273,5 +275,5 @@ def routed_backward(grad_TD: Tensor, x_TD: Tensor, token_N: Tensor, w_N: Tensor,
                             None if gx_KD is None else gx_KD[sub])
             del acts
         if gx_TD is not None:
-            gx_TD.index_add_(0, token_K, gx_KD)
+            gx_TD.index_add_(0, token_K, cast(Tensor, gx_KD))  # not None: need_x
     return gx_TD, gw_N

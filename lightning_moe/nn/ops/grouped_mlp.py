@@ -26,8 +26,8 @@ kept (the first ``sum(counts)``), D model width, H expert hidden width, E expert
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from lightning_moe.nn.ops import expert_kernels as K
 from lightning_moe.nn.ops.combine import weighted_combine_reference
 from lightning_moe.nn.ops.expert_kernels import FUSED_ACTIVATIONS
 
-_ELEMENTWISE = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+_ELEMENTWISE: dict[str, Callable[..., Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
 def grouped_mlp_reference(x_MD: Tensor, counts: Sequence[int], w1: Tensor, w2: Tensor, w3: Tensor | None = None,
@@ -58,7 +58,7 @@ def grouped_mlp_reference(x_MD: Tensor, counts: Sequence[int], w1: Tensor, w2: T
         ``y_MD`` in ``x_MD``'s row order.
     """
     # unbind, not w[e]: the backward of E separate w[e] selects materialises E full-size zero gradients.
-    params = [p.unbind(0) if p is not None else [None] * len(counts) for p in (w1, w2, w3, b1, b2)]
+    params: list[Sequence[Any]] = [p.unbind(0) if p is not None else [None] * len(counts) for p in (w1, w2, w3, b1, b2)]
     outputs = []
     for e, x_CD in enumerate(torch.split(x_MD, list(counts))):
         if x_CD.shape[0] == 0:
@@ -184,7 +184,7 @@ class _SavedPerExpert:
             raise RuntimeError("lightning_moe fused experts: backward ran twice through one forward; the first "
                                "freed the saved activations (run the forward again)")
         packed, self.saved[e] = self.saved[e], None
-        return tuple(s.unpack() for s in packed)
+        return tuple(s.unpack() for s in cast(tuple, packed))  # not None: checked above
 
     def release(self) -> None:
         self.saved = None
