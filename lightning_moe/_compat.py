@@ -70,6 +70,10 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("torch._C._autograd", "_make_saved_tensor", _TORCH,
                 "nn/ops/grouped_mlp.py: per-expert saved activations that go through saved_tensors_hooks "
                 "(checkpointing, offloading) and are freed expert by expert in the fused backward"),
+    PrivateName("torch.nn.modules.module", "_global_forward_pre_hooks", _TORCH,
+                "nn/experts.py: has_forward_hooks (with a module's own _forward_pre_hooks/_forward_hooks): the "
+                "overlapped expert-parallel path reads the weights outside a module call only without hooks"),
+    PrivateName("torch.nn.modules.module", "_global_forward_hooks", _TORCH, "nn/experts.py: has_forward_hooks"),
     PrivateName("torch", "_weight_int8pack_mm", _TORCH,
                 "compress.py: QuantizedGroupedExperts(kernel='int8_mm')"),
     PrivateName("torch.nn", "TransformerEncoderLayer._ff_block", _TORCH,
@@ -115,6 +119,15 @@ def make_saved_tensor(tensor: torch.Tensor) -> Any:
     torch.utils.checkpoint saves its inputs the same way.
     """
     return torch._C._autograd._make_saved_tensor(tensor, is_output=False)
+
+
+def has_forward_hooks(module: torch.nn.Module) -> bool:
+    """Whether a call of ``module`` runs forward (pre-)hooks: its own or global ones (FSDP2's unsharding,
+    torch.nn.utils.prune's masks). Code that reads a module's weights without calling it must then call it."""
+    from torch.nn.modules import module as _module
+
+    return bool(module._forward_pre_hooks or module._forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_forward_hooks)
 
 
 # int8 weight x float activation GEMM; None when this build lacks it.
@@ -192,6 +205,7 @@ __all__ = [
     "flatten_dense_tensors",
     "funcol",
     "grouped_mm",
+    "has_forward_hooks",
     "make_saved_tensor",
     "optimizer_to_device",
     "reset_optimizers",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import pickle
 import subprocess
 import sys
 import weakref
@@ -312,3 +313,30 @@ def test_layer_on_cuda_matches_the_cpu(dtype):
     close(x_cuda.grad, x.grad)
     for p, q in zip(cuda.parameters(), cpu.parameters(), strict=True):
         close(p.grad, q.grad)
+
+
+def test_fused_local_path_runs_the_experts_forward_hooks():
+    """Pruning's masks and FSDP's unsharding live in forward pre-hooks: the fused path must run them."""
+    torch.manual_seed(0)
+    layer = MoE(8, 4, top_k=2, hidden_dim=12)
+    seen = []
+    layer.experts.register_forward_pre_hook(lambda module, args, kwargs: seen.append(len(args) + len(kwargs)),
+                                            with_kwargs=True)
+    x = torch.randn(6, 8, requires_grad=True)
+    layer(x).sum().backward()
+    assert len(seen) == 1
+    # a bank with hooks is never read outside its call (the overlapped expert-parallel path then steps aside)
+    assert layer.experts.fused_params(x) is None
+
+
+def test_copies_and_meta_layers_count_their_own_forwards():
+    torch.manual_seed(0)
+    layer = MoE(8, 4, top_k=2, hidden_dim=12)
+    layer(torch.randn(3, 8))
+    for copy_ in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert copy_.forward_count == 0 and layer.forward_count == 1
+        copy_(torch.randn(3, 8))
+        assert copy_.forward_count == 1 and layer.forward_count == 1
+    with torch.device("meta"):  # the planner builds models on meta: the counter stays a CPU tensor
+        meta = MoE(8, 4, top_k=2, hidden_dim=12)
+    assert meta.forward_count == 0

@@ -173,10 +173,24 @@ class GroupedExperts(nn.Module):
             return swiglu_oai(gate_CH, up_CH, cast(float, self.swiglu_alpha), cast(float, self.swiglu_limit))
         return F.silu(gate_CH) * up_CH
 
-    def forward(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
-        """Run each expert on its slice of ``x_MD``; ``counts[e]`` rows belong to expert e, in order."""
+    def forward(self, x_MD: Tensor, counts: Sequence[int] | Tensor, token_N: Tensor | None = None,
+                weights_N: Tensor | None = None) -> Tensor:
+        """Run each expert on its slice of ``x_MD``; ``counts[e]`` rows belong to expert e, in order.
+
+        With ``token_N`` and ``weights_N``, the routed form (:meth:`forward_routed`): ``x_MD`` is then the
+        tokens ``x_TD``, and the result is combined back per token.
+        """
         if len(counts) != self.num_experts:
             raise ValueError(f"{type(self).__name__}: got {len(counts)} counts for {self.num_experts} experts")
+        if token_N is not None or weights_N is not None:
+            if token_N is None or weights_N is None:
+                raise ValueError(f"{type(self).__name__}: pass token_N and weights_N together (the routed form), "
+                                 "or neither")
+            return self._forward_routed(x_MD, token_N, weights_N, counts)
+        # NOTE: host sync when counts is a tensor: the expert GEMMs need their sizes.
+        return self._forward_rows(x_MD, counts.tolist() if isinstance(counts, Tensor) else counts)
+
+    def _forward_rows(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
         if self.b3 is not None and self.b3.shape[0] != self.w1.shape[0]:
             raise ValueError(f"{type(self).__name__}: b3 holds {self.b3.shape[0]} experts, w1 {self.w1.shape[0]}; "
                              "shard b3 with the other stacked tensors (expert parallelism)")
@@ -195,7 +209,8 @@ class GroupedExperts(nn.Module):
 
         Equals ``weighted_combine(self(x_TD[token_M], counts), weights_M, token_M, T)`` over the first
         ``M = sum(counts)`` rows; where the fused path applies it runs expert by expert without any ``[M, D]``
-        buffer (``nn/ops/grouped_mlp.py``).
+        buffer (``nn/ops/grouped_mlp.py``). It goes through the module call, ``self(x_TD, counts, token_N,
+        weights_N)``, so forward hooks run as for any forward (pruning's weight masks, FSDP's unsharding).
 
         Args:
             x_TD: tokens ``[T, D]``.
@@ -204,19 +219,28 @@ class GroupedExperts(nn.Module):
             weights_N: routing weight of each row.
             counts: rows per expert held here: a LongTensor (read on the host here: the one sync) or host ints.
         """
-        if len(counts) != self.num_experts:
-            raise ValueError(f"{type(self).__name__}: got {len(counts)} counts for {self.num_experts} experts")
+        return self(x_TD, counts, token_N, weights_N)
+
+    def _forward_routed(self, x_TD: Tensor, token_N: Tensor, weights_N: Tensor, counts: Tensor | Sequence[int]
+                        ) -> Tensor:
         if self._fused(x_TD):
             return routed_mlp(self._cast(x_TD)[0], token_N, weights_N, counts, *self._cast_weights(x_TD),
                               activation=self.activation)
         # NOTE: host sync (counts as a tensor): the expert GEMMs need their sizes.
         host = counts.tolist() if isinstance(counts, Tensor) else list(counts)
         token_M, weights_M = token_N[: sum(host)], weights_N[: sum(host)]
-        return weighted_combine(self(x_TD.index_select(0, token_M), host), weights_M, token_M, x_TD.shape[0])
+        y_MD = self._forward_rows(x_TD.index_select(0, token_M), host)  # inside this call: hooks ran already
+        return weighted_combine(y_MD, weights_M, token_M, x_TD.shape[0])
 
     def fused_params(self, x: Tensor) -> FusedWeights | None:
         """``[w1, w2, w3, b1, b2]`` in the GEMM dtype for input ``x`` when the fused kernels
-        (``nn/ops/expert_kernels.py``) can run this bank on ``x``, else None."""
+        (``nn/ops/expert_kernels.py``) can run this bank on ``x`` outside a module call, else None.
+
+        None too when forward hooks are registered (FSDP's unsharding, pruning's weight masks, ...): they must
+        run before the weights are read, so such a bank is only run through its call.
+        """
+        if _compat.has_forward_hooks(self):
+            return None
         return self._cast_weights(x) if self._fused(x) else None
 
     def _fused(self, x: Tensor) -> bool:

@@ -223,7 +223,7 @@ class MoE(nn.Module):
         self.reduced_over = 1
         # A 0-dim CPU tensor, not an int: torch.compile would guard on an int attribute (and recompile every
         # forward); it counts a tensor inside the graph. Read it as an int through forward_count.
-        self._forwards = torch.zeros((), dtype=torch.long)
+        self._forwards = torch.zeros((), dtype=torch.long, device="cpu")
 
         stat_device = device
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long, device=stat_device),
@@ -258,10 +258,15 @@ class MoE(nn.Module):
     def __getstate__(self) -> dict:
         # The last forward's losses are non-leaf tensors with a graph: copy.deepcopy and pickle
         # refuse them, so a copy starts as a fresh layer does (losses read 0 until its forward).
+        # The forward counter travels as a plain 0 (a copy has run no forward): a tensor made here would die with
+        # this dict, and the spawn launcher shares tensors by file descriptors that must outlive the pickling.
         state = self.__dict__.copy()
-        state.update(_aux_loss=None, _load_balancing_loss=None, _z_loss=None,
-                     _forwards=torch.zeros((), dtype=torch.long))
+        state.update(_aux_loss=None, _load_balancing_loss=None, _z_loss=None, _forwards=0)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._forwards = torch.tensor(int(state.get("_forwards", 0)), dtype=torch.long, device="cpu")
 
     @property
     def forward_count(self) -> int:
