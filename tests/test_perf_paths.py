@@ -19,8 +19,9 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from lightning_moe import MoE
+from lightning_moe import MoE, _compat
 from lightning_moe.nn import LocalDispatcher
+from lightning_moe.nn import experts as experts_module
 from lightning_moe.nn.ops import (
     expert_kernels,
     grouped_mlp,
@@ -59,6 +60,16 @@ def _assert_all_close(got, want):
         assert (g is None) == (w is None)
         if g is not None:
             torch.testing.assert_close(g, w)
+
+
+GROUPED_MM_MACS = experts_module.CPU_GROUPED_MM_MACS  # the package's threshold (the fixture below zeroes it)
+
+
+@pytest.fixture(autouse=True)
+def _fused_path(monkeypatch):
+    """Layers here take the fused loop, whatever their size (small CPU experts otherwise take torch's grouped
+    GEMM: tested in test_cpu_grouped_gemm_path_matches_the_fused_path)."""
+    monkeypatch.setattr(experts_module, "CPU_GROUPED_MM_MACS", 0)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -340,3 +351,28 @@ def test_copies_and_meta_layers_count_their_own_forwards():
     with torch.device("meta"):  # the planner builds models on meta: the counter stays a CPU tensor
         meta = MoE(8, 4, top_k=2, hidden_dim=12)
     assert meta.forward_count == 0
+
+
+@pytest.mark.parametrize("option", [dict(), dict(activation="swiglu"), dict(activation="swiglu_oai"),
+                                    dict(capacity_factor=0.6), dict(router="expert_choice"), dict(padded=True),
+                                    dict(num_experts=64)])
+def test_cpu_grouped_gemm_path_matches_the_fused_path(option, monkeypatch):
+    """Small CPU experts run as torch's grouped GEMM (one C++ loop over the groups): same values and gradients."""
+    option = dict(option)
+    padded, num_experts = option.pop("padded", False), option.pop("num_experts", 4)
+    calls = []
+    grouped_mm = _compat.grouped_mm
+    monkeypatch.setattr(_compat, "grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    x = torch.randn(3, 5, 8)
+    mask = torch.rand(3, 5) < 0.3 if padded else None
+    results = []
+    for macs in (GROUPED_MM_MACS, 0):  # grouped GEMM, then the fused loop
+        monkeypatch.setattr(experts_module, "CPU_GROUPED_MM_MACS", macs)
+        torch.manual_seed(0)
+        layer = MoE(8, num_experts, top_k=2, hidden_dim=12, **option)
+        xi = x.clone().requires_grad_(True)
+        (layer(xi, padding_mask=mask).square().sum() + layer.aux_loss).backward()
+        results.append([xi.grad] + [p.grad for p in layer.parameters()])
+        assert bool(calls) == (macs > 0)
+        calls.clear()
+    _assert_all_close(results[0], results[1])
