@@ -91,7 +91,8 @@ class GroupedExperts(nn.Module):
     With ``activation="swiglu"`` a third weight ``w3 [E, D, H]`` gates the hidden layer
     (``silu(x w1) * (x w3)``); ``"swiglu_oai"`` is GPT-OSS's clamped variant (:func:`swiglu_oai`,
     with ``swiglu_alpha`` and ``swiglu_limit``). Each expert runs one GEMM per weight on its
-    contiguous slice; on CUDA with bf16 the slices run as one grouped GEMM.
+    contiguous slice; on CUDA with bf16, and on CPU for small experts (:data:`CPU_GROUPED_MM_MACS`), the
+    slices run as one grouped GEMM.
 
     The weights may be strided views (e.g. of a Hugging Face ``gate_up_proj``, see
     :func:`lightning_moe.from_hf`): each expert's ``[D, H]`` slice only needs one unit stride, which
