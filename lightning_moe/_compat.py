@@ -66,7 +66,7 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("torch.distributed._functional_collectives", "all_reduce", _TORCH,
                 "distributed/count_reduction.py: the asynchronous count sum of the global balancing loss"),
     PrivateName("torch", "_grouped_mm", _TORCH,
-                "nn/experts.py: the CUDA grouped GEMM of GroupedExperts (the per-expert loop is the fallback)"),
+                "nn/experts.py: the grouped GEMM of GroupedExperts (CUDA bf16; CPU for small experts)"),
     PrivateName("torch._C._autograd", "_make_saved_tensor", _TORCH,
                 "nn/ops/grouped_mlp.py: per-expert saved activations that go through saved_tensors_hooks "
                 "(checkpointing, offloading) and are freed expert by expert in the fused backward"),
