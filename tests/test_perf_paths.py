@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_moe import MoE, _compat
 from lightning_moe.nn import LocalDispatcher
 from lightning_moe.nn import experts as experts_module
+from lightning_moe.nn.experts import GroupedExperts
 from lightning_moe.nn.ops import (
     expert_kernels,
     grouped_mlp,
@@ -376,3 +377,37 @@ def test_cpu_grouped_gemm_path_matches_the_fused_path(option, monkeypatch):
         assert bool(calls) == (macs > 0)
         calls.clear()
     _assert_all_close(results[0], results[1])
+
+
+def test_cpu_grouped_gemm_takes_an_expanded_gradient(monkeypatch):
+    """``bank(x, counts).sum().backward()`` sends a zero-stride gradient, which torch's grouped GEMM backward
+    rejects ("Invalid strides/sizes"); the bank hands it a contiguous one."""
+    monkeypatch.setattr(experts_module, "CPU_GROUPED_MM_MACS", GROUPED_MM_MACS)
+    torch.manual_seed(0)
+    bank = GroupedExperts(4, dim=8, hidden_dim=16, activation="swiglu")
+    x = torch.randn(6, 8, requires_grad=True)
+    bank(x, [1, 2, 0, 3]).sum().backward()
+    reference = x.detach().clone().requires_grad_(True)
+    bank._forward_loop(reference, [1, 2, 0, 3]).sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad)
+
+
+@pytest.mark.parametrize("macs", [GROUPED_MM_MACS, 0])
+def test_routed_and_dispatched_rows_take_the_same_expert_kernel(macs, monkeypatch):
+    """The local routed path and a dispatcher's rows (expert parallelism) choose the kernel by one rule on the
+    kept rows, so they agree bit for bit on either kernel, rows dropped or not."""
+    monkeypatch.setattr(experts_module, "CPU_GROUPED_MM_MACS", macs)
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        layers.append(MoE(16, 8, top_k=2, hidden_dim=24, activation="swiglu", capacity_factor=0.7))
+    layers[1].expert_dispatcher = _PassThrough()  # rows gathered, the bank's row form, then combined
+    x = torch.randn(3, 5, 16)
+    results = []
+    for layer in layers:
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        out.square().sum().backward()
+        results.append([out, xi.grad, layer.experts.w1.grad])
+    assert int(layers[0].dropped_tokens.sum()) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -72,17 +72,26 @@ def _aligned_16(t: Tensor) -> bool:
     return (t.storage_offset() * size) % 16 == 0 and all((st * size) % 16 == 0 for st in t.stride() if st != 1)
 
 
-def _cpu_grouped_mm_pays(x_TD: Tensor, rows: int, num_experts: int, weights: Sequence[Tensor]) -> bool:
-    """Whether the routed CPU path should run the experts as torch's grouped GEMM (small experts)."""
+def _cpu_grouped_mm_possible(x: Tensor, weights: Sequence[Tensor]) -> bool:
+    """Whether torch's CPU grouped GEMM can run experts of ``weights`` on rows of ``x`` (eager float32)."""
     return (
-        x_TD.device.type == "cpu"
+        x.device.type == "cpu"
         and _compat.grouped_mm is not None
         and not torch.compiler.is_compiling()  # compiled: the fused custom operator (no graph break)
-        and x_TD.dtype == expert_output_dtype(x_TD) == torch.float32  # not under a lower-precision autocast
-        and rows * x_TD.shape[-1] * weights[0].shape[-1] < CPU_GROUPED_MM_MACS * num_experts
+        and x.dtype == expert_output_dtype(x) == torch.float32  # not under a lower-precision autocast
         and all(w.dtype == torch.float32 and _aligned_16(w) for w in weights)
-        and _aligned_16(x_TD) and weights[0].shape[-1] % 4 == 0
+        and _aligned_16(x) and weights[0].shape[-1] % 4 == 0
     )
+
+
+def _cpu_grouped_mm_pays(x: Tensor, rows: int, num_experts: int, weights: Sequence[Tensor]) -> bool:
+    """Whether ``rows`` rows of ``x`` should run as torch's CPU grouped GEMM (small experts).
+
+    One rule for every path that runs the bank (routed, rows from a dispatcher), so that the local layer and
+    an expert-parallel dispatcher run the same kernel on the same rows and agree bit for bit.
+    """
+    return (rows > 0 and _cpu_grouped_mm_possible(x, weights)
+            and rows * x.shape[-1] * weights[0].shape[-1] < CPU_GROUPED_MM_MACS * num_experts)
 
 
 class GroupedExperts(nn.Module):
@@ -224,7 +233,8 @@ class GroupedExperts(nn.Module):
         if x_MD.shape[0] == 0:
             return _empty_output(x_MD, self.dim, self.parameters())
         weights = [w for w in (self.w1, self.w2, self.w3) if w is not None]
-        if _grouped_mm_usable(x_MD, *weights) and self.b1 is None:
+        if self.b1 is None and (_grouped_mm_usable(x_MD, *weights)
+                                or _cpu_grouped_mm_pays(x_MD, x_MD.shape[0], self.num_experts, weights)):
             return self._forward_grouped_mm(x_MD, counts)
         if self._fused(x_MD):
             return grouped_mlp(self._cast(x_MD)[0], counts, *self._cast_weights(x_MD), activation=self.activation)
@@ -251,12 +261,13 @@ class GroupedExperts(nn.Module):
     def _forward_routed(self, x_TD: Tensor, token_N: Tensor, weights_N: Tensor, counts: Tensor | Sequence[int]
                         ) -> Tensor:
         weights = [w for w in (self.w1, self.w2, self.w3) if w is not None]
-        if self.b1 is None and _cpu_grouped_mm_pays(x_TD, token_N.shape[0], self.num_experts, weights):
-            # NOTE: host sync (counts as a tensor): the group offsets.
-            host = counts.tolist() if isinstance(counts, Tensor) else list(counts)
-            token_M, weights_M = token_N[: sum(host)], weights_N[: sum(host)]
-            y_MD = self._forward_grouped_mm(x_TD.index_select(0, token_M), host)
-            return weighted_combine(y_MD, weights_M, token_M, x_TD.shape[0])
+        if self.b1 is None and _cpu_grouped_mm_possible(x_TD, weights):
+            # NOTE: host sync (counts as a tensor): the kept rows decide the kernel, as in _forward_rows.
+            counts = counts.tolist() if isinstance(counts, Tensor) else list(counts)
+            if _cpu_grouped_mm_pays(x_TD, sum(counts), self.num_experts, weights):
+                token_M, weights_M = token_N[: sum(counts)], weights_N[: sum(counts)]
+                y_MD = self._forward_grouped_mm(x_TD.index_select(0, token_M), counts)
+                return weighted_combine(y_MD, weights_M, token_M, x_TD.shape[0])
         if self._fused(x_TD):
             return routed_mlp(self._cast(x_TD)[0], token_N, weights_N, counts, *self._cast_weights(x_TD),
                               activation=self.activation)
@@ -314,7 +325,7 @@ class GroupedExperts(nn.Module):
         return h_CH @ w2 if b2 is None else torch.addmm(b2, h_CH, w2)
 
     def _forward_grouped_mm(self, x_MD: Tensor, counts: Sequence[int]) -> Tensor:
-        # torch's grouped GEMM: one call for all experts (CUDA bf16; on CPU for small experts, _forward_routed).
+        # torch's grouped GEMM: one call for all experts (CUDA bf16; on CPU for small experts, _cpu_grouped_mm_pays).
         assert _compat.grouped_mm is not None  # _grouped_mm_usable / _cpu_grouped_mm_pays checked it
         offsets = torch.tensor(counts, device=x_MD.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         h_MH = _compat.grouped_mm(x_MD, self.w1, offs=offsets)
@@ -322,7 +333,23 @@ class GroupedExperts(nn.Module):
             h_MH = self.gated(h_MH, _compat.grouped_mm(x_MD, self.w3, offs=offsets))
         else:
             h_MH = activation_function(self.activation)(h_MH)
-        return _compat.grouped_mm(h_MH, self.w2, offs=offsets)
+        return _ContiguousGrad.apply(_compat.grouped_mm(h_MH, self.w2, offs=offsets))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    torch's grouped GEMM backward rejects gradients with zero strides (``y.sum().backward()`` sends an
+    expanded one: "Invalid strides/sizes"); this costs nothing when the gradient is already contiguous.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
 
 
 class TemplateExperts(nn.Module):

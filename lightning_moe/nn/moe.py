@@ -225,17 +225,11 @@ class MoE(nn.Module):
         # forward); it counts a tensor inside the graph. Read it as an int through forward_count.
         self._forwards = torch.zeros((), dtype=torch.long, device="cpu")
 
-        stat_device = device
-        self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long, device=stat_device),
-                             persistent=False)
-        self.register_buffer("dropped_tokens", torch.zeros((), dtype=torch.long, device=stat_device),
-                             persistent=False)
-        self.register_buffer("routed_tokens", torch.zeros((), dtype=torch.long, device=stat_device),
-                             persistent=False)
-        self.register_buffer("router_entropy", torch.zeros((), dtype=torch.float32, device=stat_device),
-                             persistent=False)
-        self.register_buffer("global_tokens_per_expert", torch.zeros(num_experts, dtype=torch.long,
-                                                                     device=stat_device), persistent=False)
+        for stat, shape, stat_dtype in (("tokens_per_expert", (num_experts,), torch.long),
+                                        ("dropped_tokens", (), torch.long), ("routed_tokens", (), torch.long),
+                                        ("router_entropy", (), torch.float32),
+                                        ("global_tokens_per_expert", (num_experts,), torch.long)):
+            self.register_buffer(stat, torch.zeros(shape, dtype=stat_dtype, device=device), persistent=False)
         self._aux_loss: Tensor | None = None
         self._load_balancing_loss: Tensor | None = None
         self._z_loss: Tensor | None = None
