@@ -197,3 +197,26 @@ def test_soak_resident_memory_does_not_grow(tmp_path):
     print("\n[reliability]", run.stdout.strip().splitlines()[-1])
     assert len(result["slope_mib_per_100_steps"]) == 2
     assert all(slope < 1.0 for slope in result["slope_mib_per_100_steps"]), result["slope_mib_per_100_steps"]
+
+
+EXIT_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from helpers import RegressionData, TinyMoE, make_trainer
+
+# Registered first, so it runs after every handler the strategy registers (atexit runs last-in first-out).
+atexit.register(lambda: open({out!r}, "w").write(str(dist.is_initialized())))
+make_trainer(strategy="moe").fit(TinyMoE(), RegressionData())
+assert dist.is_initialized()  # the group outlives fit, as under Lightning's DDP
+"""
+
+
+def test_process_groups_are_destroyed_before_interpreter_finalization(tmp_path):
+    """A gloo rank that leaves its process group to interpreter finalization can abort after training
+    ("terminate called without an active exception", exit -6): the strategy destroys it in an atexit handler."""
+    out = tmp_path / "initialized_at_exit.txt"
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT.format(tests=str(TESTS_DIR), out=str(out)))
+    subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True, timeout=120, capture_output=True)
+    assert out.read_text() == "False"

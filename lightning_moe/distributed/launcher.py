@@ -6,16 +6,22 @@ completes (NCCL waits for the process-group timeout, 30 minutes by default).
 :class:`WatchedScriptLauncher` tells the ranks it starts the launcher's pid;
 :func:`start_peer_watchdog`, called by each rank once the environment is set up, exits the rank
 once that process is gone. torchrun and SLURM (``srun --kill-on-bad-exit=1``) stop ranks themselves.
+
+Every rank also destroys its process groups at exit (:func:`destroy_process_groups_at_exit`), whatever the
+backend: Lightning does it for NCCL only, and a gloo rank that leaves it to interpreter finalization can
+abort there ("terminate called without an active exception", exit code -6) after training finished.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
 import time
 from typing import Any
 
+import torch.distributed as dist
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from typing_extensions import override
 
@@ -69,3 +75,19 @@ def start_peer_watchdog() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name=WATCHDOG_THREAD, daemon=True).start()
+
+
+def _destroy_process_groups() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def destroy_process_groups_at_exit() -> None:
+    """Destroy this process's process groups at exit, while the interpreter is still whole (idempotent).
+
+    gloo's worker threads can still hold finished asynchronous work (the overlapped expert exchange's) whose
+    tensors, freed during interpreter finalization, abort the process; destroying the groups in an ``atexit``
+    handler frees them first. A no-op at exit when the user destroyed them already.
+    """
+    atexit.unregister(_destroy_process_groups)  # once, however many stages set the strategy up
+    atexit.register(_destroy_process_groups)

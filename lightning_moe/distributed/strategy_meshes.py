@@ -82,6 +82,7 @@ class StrategyMeshes(DDPStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         launcher.start_peer_watchdog()
+        launcher.destroy_process_groups_at_exit()
         ep, world = self.expert_parallel_size, self.world_size
         check_expert_parallel_size([], ep, world, type(self).__name__)
         mesh = self._device_mesh
