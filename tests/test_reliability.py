@@ -200,23 +200,34 @@ def test_soak_resident_memory_does_not_grow(tmp_path):
 
 
 EXIT_SCRIPT = """
-import atexit, sys
+import atexit, json, os, sys
 import torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from helpers import RegressionData, TinyMoE, make_trainer
 
+
+def at_exit():
+    threads = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    with open({out!r}, "w") as f:
+        json.dump({{"initialized": dist.is_initialized(), "gloo_threads": [t for t in threads if "gloo" in t]}}, f)
+
+
 # Registered first, so it runs after every handler the strategy registers (atexit runs last-in first-out).
-atexit.register(lambda: open({out!r}, "w").write(str(dist.is_initialized())))
-make_trainer(strategy="moe").fit(TinyMoE(), RegressionData())
+atexit.register(at_exit)
+trainer, model = make_trainer(strategy="moe"), TinyMoE()
+trainer.fit(model, RegressionData())
 assert dist.is_initialized()  # the group outlives fit, as under Lightning's DDP
 """
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the threads from /proc")
 def test_process_groups_are_destroyed_before_interpreter_finalization(tmp_path):
-    """A gloo rank that leaves its process group to interpreter finalization can abort after training
-    ("terminate called without an active exception", exit -6): the strategy destroys it in an atexit handler."""
-    out = tmp_path / "initialized_at_exit.txt"
+    """A gloo rank whose groups live into interpreter finalization can abort after training ("terminate called
+    without an active exception", exit -6: a gloo worker thread cannot take the GIL there). The strategy destroys
+    them in an atexit handler, letting go of its device meshes first (they hold their groups), so the groups'
+    worker threads are gone before finalization, with the trainer and the model still alive."""
+    out = tmp_path / "at_exit.json"
     script = tmp_path / "exit.py"
     script.write_text(EXIT_SCRIPT.format(tests=str(TESTS_DIR), out=str(out)))
     subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True, timeout=120, capture_output=True)
-    assert out.read_text() == "False"
+    assert json.loads(out.read_text()) == {"initialized": False, "gloo_threads": []}

@@ -8,17 +8,19 @@ completes (NCCL waits for the process-group timeout, 30 minutes by default).
 once that process is gone. torchrun and SLURM (``srun --kill-on-bad-exit=1``) stop ranks themselves.
 
 Every rank also destroys its process groups at exit (:func:`destroy_process_groups_at_exit`), whatever the
-backend: Lightning does it for NCCL only, and a gloo rank that leaves it to interpreter finalization can
+backend: Lightning does it for NCCL only, and a gloo rank whose groups live into interpreter finalization can
 abort there ("terminate called without an active exception", exit code -6) after training finished.
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 import torch.distributed as dist
@@ -77,17 +79,30 @@ def start_peer_watchdog() -> None:
     threading.Thread(target=watch, name=WATCHDOG_THREAD, daemon=True).start()
 
 
+# Objects whose release_process_groups() drops the references they hold to process groups (a strategy's device
+# meshes hold their groups): at exit they let go first, so that destroying the groups really frees them.
+_group_holders: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def _destroy_process_groups() -> None:
+    for holder in list(_group_holders):
+        holder.release_process_groups()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()  # the last references go now: each gloo group's destructor joins its worker threads here
 
 
-def destroy_process_groups_at_exit() -> None:
+def destroy_process_groups_at_exit(holder: Any = None) -> None:
     """Destroy this process's process groups at exit, while the interpreter is still whole (idempotent).
 
-    gloo's worker threads can still hold finished asynchronous work (the overlapped expert exchange's) whose
-    tensors, freed during interpreter finalization, abort the process; destroying the groups in an ``atexit``
-    handler frees them first. A no-op at exit when the user destroyed them already.
+    A gloo group's worker threads drop the last reference to each finished collective's tensors; one doing so
+    while the interpreter finalizes cannot take the GIL and aborts the process. Destroying every group in an
+    ``atexit`` handler, once nothing else holds them, joins those threads first. ``destroy_process_group``
+    alone does not stop them while a reference remains (a ``DeviceMesh`` keeps its groups): ``holder``, kept
+    by weak reference, has ``release_process_groups()`` called first. A no-op at exit for groups the user
+    destroyed already.
     """
-    atexit.unregister(_destroy_process_groups)  # once, however many stages set the strategy up
+    if holder is not None:
+        _group_holders.add(holder)
+    atexit.unregister(_destroy_process_groups)  # once, however many stages set a strategy up
     atexit.register(_destroy_process_groups)

@@ -82,7 +82,7 @@ class StrategyMeshes(DDPStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         launcher.start_peer_watchdog()
-        launcher.destroy_process_groups_at_exit()
+        launcher.destroy_process_groups_at_exit(self)
         ep, world = self.expert_parallel_size, self.world_size
         check_expert_parallel_size([], ep, world, type(self).__name__)
         mesh = self._device_mesh
@@ -93,6 +93,15 @@ class StrategyMeshes(DDPStrategy):
                 self.root_device.type, (world // ep, ep), mesh_dim_names=("data", "expert")
             )
             self._world_mesh = None
+
+    def release_process_groups(self) -> None:
+        """Forget the device meshes (they hold their process groups); ``setup_environment`` builds them again.
+
+        Called at exit before the groups are destroyed (:func:`~lightning_moe.distributed.launcher.
+        destroy_process_groups_at_exit`), so that destroying them stops their threads.
+        """
+        self._device_mesh = None
+        self._world_mesh = None
 
     @contextmanager
     @override
