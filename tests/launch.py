@@ -86,14 +86,3 @@ def _failure(cmd: list[str], proc: subprocess.CompletedProcess, missing: list[in
     lines += ["--- output (tail):", (proc.stdout + proc.stderr)[-6000:]]
     return "\n".join(lines)
 
-
-def run_rank_script(tmp_path: Path, name: str, template: str, ranks: int = 2, timeout: float = 240) -> list[dict]:
-    """Write ``template`` (formatted with ``tests`` and ``out``) to ``tmp_path/name``, run it, and return the JSON
-    each rank wrote to ``out/rank{r}.json``.
-
-    Kept for the tests that still hold their script as a format string; new scripts are files under
-    ``tests/scripts/`` run with :func:`run_script`.
-    """
-    script = tmp_path / name
-    script.write_text(template.format(tests=str(TESTS_DIR), out=str(tmp_path)))
-    return run_script(script, out=tmp_path, ranks=ranks, cwd=tmp_path, timeout=timeout).results

@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -30,7 +29,7 @@ from lightning_moe.compress import (
 )
 from lightning_moe.nn.experts import GroupedExperts
 
-from launch import run_rank_script
+from launch import run_script
 
 DIM = 32
 
@@ -327,52 +326,12 @@ def test_compress_experts_example_smoke(tmp_path):
     assert any(line.startswith("| int8 experts") for line in table)
 
 
-EP_SCRIPT = textwrap.dedent("""
-    import json, os, sys, warnings
-    warnings.filterwarnings("ignore")
-    sys.path.insert(0, {tests!r})
-    import torch
-    import torch.nn.functional as F
-    import lightning_moe  # registers strategy="moe"
-    from test_compression import TinyModule, _loader
-    from lightning_moe.callbacks import ExpertQuantization, LowRankExperts
-    from lightning_moe.compress import quantize_experts, low_rank_experts
-    import lightning.pytorch as pl
-
-    def make(callbacks):
-        return pl.Trainer(accelerator="cpu", devices=2, strategy="moe", max_steps=2, logger=False,
-                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                          use_distributed_sampler=False, callbacks=callbacks)
-
-    out = {{}}
-    for name, callback, compress in (("int8", ExpertQuantization(), quantize_experts),
-                                     ("lowrank", LowRankExperts(rank=4), lambda m: low_rank_experts(m, rank=4))):
-        torch.manual_seed(0)
-        model = TinyModule()
-        make([]).fit(model, _loader())  # the end of fit gathers the experts: full model on every rank
-        reference = __import__("copy").deepcopy(model)
-        compress(reference)
-        t = make([callback])
-        (result,) = t.test(model, _loader(), verbose=False)
-        x, y = next(iter(_loader()))
-        with torch.no_grad():
-            expected = sum(F.mse_loss(reference(xb), yb).item() for xb, yb in _loader()) / len(_loader())
-            out[name] = {{"test_loss": result["test_loss"], "expected": expected,
-                         "num_experts": model.net.moe1.experts.num_experts,
-                         "same_outputs": torch.allclose(model(x), reference(x), atol=1e-6),
-                         "local_report": callback.report.layers[0].params_after,
-                         "bank": type(model.net.moe1.experts).__name__}}
-    with open(os.path.join({out!r}, f"rank{{t.global_rank}}.json"), "w") as f:
-        json.dump(out, f)
-""")
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_compression_callbacks_under_expert_parallelism(tmp_path):
     """strategy="moe" on 2 processes: each rank compresses its 4 of 8 experts before test; the test loss is the
     single-process compressed model's, and after test every rank holds the full compressed model."""
-    ranks = run_rank_script(tmp_path, "ep_compression.py", EP_SCRIPT)
+    ranks = run_script("compression_ep.py", out=tmp_path, ranks=2).results
     for result in ranks:
         for name, bank in (("int8", "QuantizedGroupedExperts"), ("lowrank", "LowRankGroupedExperts")):
             row = result[name]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-import textwrap
 
 import lightning.pytorch as L
 import pytest
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoE, MoELightningModule
 
-from launch import run_rank_script
+from launch import run_script
 
 STATS = ("aux_loss", "z_loss", "dropped_fraction", "load_imbalance", "routing_entropy")
 
@@ -389,39 +388,6 @@ def test_checkpoint_resume_restores_expert_bias_and_matches_uninterrupted(tmp_pa
     torch.testing.assert_close(fresh.state_dict(), straight.state_dict())
 
 
-DDP_SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    import lightning.pytorch as L
-    import torch
-    sys.path.insert(0, {tests!r})
-    from test_module import Tiny, trainer, ddp_batches
-
-    class Checked(Tiny):
-        def training_step(self, batch, batch_idx):
-            task = self.task_loss(batch)
-            self.task = task.detach()
-            return task
-
-        def train_dataloader(self):
-            return ddp_batches(self.global_rank)
-
-    class Record(L.Callback):
-        rows = []
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            aux = sum(layer.aux_loss for layer in pl_module.layers).item()
-            self.rows.append([outputs["loss"].item(), pl_module.task.item() + aux])
-
-    torch.manual_seed(0)
-    model = Checked(lr=0.0, bias_update_rate=0.05, top_k=1)
-    record = Record()
-    t = trainer(strategy="ddp", devices=2, max_steps=6, use_distributed_sampler=False, callbacks=[record])
-    t.fit(model)
-    out = {{"rows": record.rows, "bias": [layer.expert_bias.tolist() for layer in model.layers]}}
-    with open(os.path.join({out!r}, f"rank{{t.global_rank}}.json"), "w") as f:
-        json.dump(out, f)
-""")
-
-
 def ddp_batches(rank: int | None = None) -> DataLoader:
     """Six steps of 8 tokens per rank, in order; rank None gives the global batches (both ranks' tokens)."""
     g = torch.Generator().manual_seed(12)
@@ -437,7 +403,7 @@ def ddp_batches(rank: int | None = None) -> DataLoader:
 def test_ddp_adds_aux_and_balances_on_counts_of_all_ranks(tmp_path):
     """2-process gloo DDP: bias after 6 steps equals the single-process run on the global batches."""
 
-    ranks = run_rank_script(tmp_path, "ddp_module.py", DDP_SCRIPT)
+    ranks = run_script("module_ddp.py", out=tmp_path, ranks=2).results
 
     torch.manual_seed(0)
     single = Tiny(lr=0.0, bias_update_rate=0.05, top_k=1)

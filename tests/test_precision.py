@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import textwrap
 
 import lightning.pytorch as pl
 import pytest
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_moe import MoE
 from lightning_moe.callbacks.precision import NonFiniteGuard, RouterPrecision
 
-from launch import run_rank_script
+from launch import run_script
 
 DIM = 16
 
@@ -254,42 +253,12 @@ def test_invalid_arguments(bad):
         RouterPrecision(dtype=torch.int8)
 
 
-EP_SCRIPT = textwrap.dedent("""
-    import json, math, os, sys, warnings
-    warnings.filterwarnings("ignore")
-    sys.path.insert(0, {tests!r})
-    import torch
-    import lightning.pytorch as pl
-    import lightning_moe  # registers strategy="moe"
-    from test_precision import TinyMoEModel, _data, _trainer, _DtypeProbe, _WeightTrace, _same
-    from lightning_moe.callbacks import NonFiniteGuard, RouterPrecision
-
-    class RankLocalInf(TinyMoEModel):
-        def training_step(self, batch, batch_idx):
-            loss = super().training_step(batch, batch_idx)
-            # rank 1 only, step 2: a non-finite loss term without parameters; every gradient stays finite
-            return loss + (math.inf if self.global_rank == 1 and batch_idx == 2 else 0.0)
-
-    torch.manual_seed(0)
-    model = RankLocalInf()
-    probe, guard, trace = _DtypeProbe(), NonFiniteGuard(), _WeightTrace()
-    t = _trainer(strategy="moe", devices=2, precision="bf16-true", max_steps=4, use_distributed_sampler=False,
-                 callbacks=[RouterPrecision(), probe, guard, trace])
-    t.fit(model, _data())
-    out = {{"dtypes": {{k: str(v) for k, v in probe.records[-1].items()}},
-            "logits": sorted({{str(d) for d in probe.logits_dtypes}}), "skipped": guard.skipped_steps,
-            "unchanged": [_same(b, a) for b, a in zip(trace.before, trace.after)]}}
-    with open(os.path.join({out!r}, f"rank{{t.global_rank}}.json"), "w") as f:
-        json.dump(out, f)
-""")
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_bf16_true_expert_parallel_float32_routers_and_all_ranks_skip_together(tmp_path):
     """strategy="moe" on 2 processes under bf16-true: routers float32, experts bf16; a non-finite loss on
     rank 1 alone (finite gradients everywhere) makes both ranks skip that step."""
-    ranks = run_rank_script(tmp_path, "ep_precision.py", EP_SCRIPT)
+    ranks = run_script("precision_ep.py", out=tmp_path, ranks=2).results
     for result in ranks:
         assert result["dtypes"] == {"gate": "torch.float32", "expert_bias": "torch.float32", "w1": "torch.bfloat16",
                                     "head": "torch.bfloat16", "gate_in_optimizer": "True"}

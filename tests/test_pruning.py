@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import textwrap
 
 import lightning.pytorch as pl
 import pytest
@@ -20,7 +19,7 @@ from lightning_moe.nn import LocalDispatcher
 from lightning_moe.nn.experts import GroupedExperts
 from lightning_moe.prune import choose_experts, hidden_unit_mask, remap_optimizers, remove_experts
 
-from launch import run_rank_script
+from launch import run_script
 
 DIM = 16
 DEAD = (1, 6)  # experts the router never picks in the fit tests
@@ -225,45 +224,11 @@ def test_expert_pruning_arguments():
         ExpertPruning(keep=2, at_epoch=-1)
 
 
-DDP_SCRIPT = textwrap.dedent("""
-    import json, os, sys, warnings
-    warnings.filterwarnings("ignore")
-    sys.path.insert(0, {tests!r})
-    import torch
-    import lightning.pytorch as pl
-    from test_pruning import PruneModel, kill_experts, loader, trainer
-    from lightning_moe.callbacks.pruning import ExpertPruning
-
-    class Data(pl.LightningDataModule):
-        def train_dataloader(self):
-            return loader(seed=int(os.environ.get("LOCAL_RANK", 0)))  # each rank its own data
-
-    torch.manual_seed(0)
-    model = PruneModel()
-    kill_experts(model)
-
-    class Counts(pl.Callback):
-        counts = torch.zeros(8, dtype=torch.long)
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.current_epoch == 0:
-                self.counts += pl_module.moe.tokens_per_expert
-
-    pruning, counts = ExpertPruning(keep=3, at_epoch=0), Counts()
-    t = trainer(strategy="ddp", devices=2, use_distributed_sampler=False, callbacks=[pruning, counts])
-    t.fit(model, datamodule=Data())
-    out = {{"kept": pruning.kept["moe"], "counts": counts.counts.tolist(),
-            "w1": model.moe.experts.w1.flatten()[:50].tolist(),
-            "gate": model.moe.router.gate.weight.flatten().tolist()}}
-    with open(os.path.join({out!r}, f"rank{{t.global_rank}}.json"), "w") as f:
-        json.dump(out, f)
-""")
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_expert_pruning_under_ddp_agrees_on_global_counts_and_rewraps(tmp_path):
     """2 gloo processes, different data: both prune the same experts (counts summed) and stay in sync."""
-    ranks = run_rank_script(tmp_path, "ddp_pruning.py", DDP_SCRIPT)
+    ranks = run_script("pruning.py", "ddp", out=tmp_path, ranks=2).results
     total = torch.tensor(ranks[0]["counts"]) + torch.tensor(ranks[1]["counts"])
     expected = sorted(torch.sort(total, descending=True, stable=True).indices[:3].tolist())
     assert ranks[0]["kept"] == ranks[1]["kept"] == expected
@@ -388,67 +353,13 @@ def test_magnitude_pruning_binds_parameters_after_strategy_setup():
     assert not any(hasattr(m, "weight_mask") for expert in removed for m in expert.modules())
 
 
-EP_SCRIPT = textwrap.dedent("""
-    import json, os, sys, warnings
-    warnings.filterwarnings("ignore")
-    sys.path.insert(0, {tests!r})
-    import torch
-    import lightning.pytorch as pl
-    import lightning_moe  # registers strategy="moe"
-    from test_pruning import PruneModel, kill_experts, loader, trainer
-    from lightning_moe.callbacks import ExpertMagnitudePruning, ExpertPruning
-
-    torch.manual_seed(0)
-    model = PruneModel()
-    checkpoint = pl.callbacks.ModelCheckpoint(dirpath={out!r}, save_last=True)
-    t = trainer(strategy="moe", devices=2, max_epochs=1, use_distributed_sampler=False, enable_checkpointing=True,
-                callbacks=[ExpertMagnitudePruning(amount=0.5), checkpoint])
-    t.fit(model, loader())
-
-    class Counts(pl.Callback):
-        counts = torch.zeros(8, dtype=torch.long)
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.current_epoch == 0:
-                self.counts += pl_module.moe.tokens_per_expert
-        def on_train_epoch_start(self, trainer, pl_module):
-            if trainer.current_epoch == 1:
-                self.local_w1 = tuple(pl_module.moe.experts.w1.shape)
-                self.momentum_after = momentum(trainer, pl_module)
-
-    class Before(pl.Callback):  # runs before ExpertPruning's epoch-end hook
-        def on_train_epoch_end(self, trainer, pl_module):
-            if trainer.current_epoch == 0:
-                self.momentum_before = momentum(trainer, pl_module)
-
-    def momentum(trainer, pl_module):
-        return trainer.optimizers[0].state[pl_module.moe.experts.w1]["momentum_buffer"].flatten(1)[:, :8].tolist()
-
-    torch.manual_seed(1)
-    model = PruneModel(lr=0.0)  # the weights stay as initialised: the pruned model must hold init[kept]
-    kill_experts(model)
-    init = {{"w1": model.moe.experts.w1.detach().clone(), "gate": model.moe.router.gate.weight.detach().clone()}}
-    pruning, counts, before = ExpertPruning(keep=3, at_epoch=0), Counts(), Before()
-    t = trainer(strategy="moe", devices=2, max_epochs=2, use_distributed_sampler=False,
-                callbacks=[before, pruning, counts])
-    t.fit(model, loader(seed=int(os.environ.get("LOCAL_RANK", 0))))  # each rank its own data
-    kept = pruning.kept["moe"]
-    out = {{"kept": kept, "counts": counts.counts.tolist(), "local_w1": counts.local_w1,
-            "momentum_before": before.momentum_before, "momentum_after": counts.momentum_after,
-            "num_experts": model.moe.num_experts, "w1_full": tuple(model.moe.experts.w1.shape),
-            "w1_ok": torch.equal(model.moe.experts.w1, init["w1"][kept]),
-            "gate_ok": torch.equal(model.moe.router.gate.weight, init["gate"][kept])}}
-    with open(os.path.join({out!r}, f"rank{{t.global_rank}}.json"), "w") as f:
-        json.dump(out, f)
-""")
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_pruning_under_expert_parallelism(tmp_path):
     """strategy="moe", 2 processes, 4 of 8 experts each. Magnitude pruning: the checkpoint holds all 8 experts,
     masks folded in. ExpertPruning keep=3 -> 4 (a multiple of 2): experts gathered, pruned, sharded again
     (2 per rank), training continues, and the model holds exactly the kept experts."""
-    ranks = run_rank_script(tmp_path, "ep_pruning.py", EP_SCRIPT)
+    ranks = run_script("pruning.py", "ep", out=tmp_path, ranks=2).results
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
     assert not any(k.endswith(("_orig", "_mask")) for k in state)
     assert state["moe.experts.w1"].shape == (8, DIM, 32) and state["moe.experts.w2"].shape == (8, 32, DIM)

@@ -199,27 +199,6 @@ def test_soak_resident_memory_does_not_grow(tmp_path):
     assert all(slope < 1.0 for slope in result["slope_mib_per_100_steps"]), result["slope_mib_per_100_steps"]
 
 
-EXIT_SCRIPT = """
-import atexit, json, os, sys
-import torch.distributed as dist
-sys.path.insert(0, {tests!r})
-from helpers import RegressionData, TinyMoE, make_trainer
-
-
-def at_exit():
-    threads = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-    with open({out!r}, "w") as f:
-        json.dump({{"initialized": dist.is_initialized(), "gloo_threads": [t for t in threads if "gloo" in t]}}, f)
-
-
-# Registered first, so it runs after every handler the strategy registers (atexit runs last-in first-out).
-atexit.register(at_exit)
-trainer, model = make_trainer(strategy="moe"), TinyMoE()
-trainer.fit(model, RegressionData())
-assert dist.is_initialized()  # the group outlives fit, as under Lightning's DDP
-"""
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the threads from /proc")
 def test_process_groups_are_destroyed_before_interpreter_finalization(tmp_path):
     """A gloo rank whose groups live into interpreter finalization can abort after training ("terminate called
@@ -227,7 +206,5 @@ def test_process_groups_are_destroyed_before_interpreter_finalization(tmp_path):
     them in an atexit handler, letting go of its device meshes first (they hold their groups), so the groups'
     worker threads are gone before finalization, with the trainer and the model still alive."""
     out = tmp_path / "at_exit.json"
-    script = tmp_path / "exit.py"
-    script.write_text(EXIT_SCRIPT.format(tests=str(TESTS_DIR), out=str(out)))
-    subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True, timeout=120, capture_output=True)
+    run_script("process_group_exit.py", str(out), out=tmp_path, ranks=0, timeout=120)
     assert json.loads(out.read_text()) == {"initialized": False, "gloo_threads": []}
