@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per core; 0 runs the suite in this process.
+PYTEST_WORKERS ?= auto
 
 .PHONY: install demo test lint bench clean
 
@@ -22,7 +24,7 @@ demo: install
 
 # tests/ and the package's docstring examples (testpaths and --doctest-modules in pyproject.toml).
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # ruff on everything; mypy on the package (configured in pyproject.toml).
 lint: install
