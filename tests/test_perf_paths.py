@@ -411,3 +411,30 @@ def test_routed_and_dispatched_rows_take_the_same_expert_kernel(macs, monkeypatc
         results.append([out, xi.grad, layer.experts.w1.grad])
     assert int(layers[0].dropped_tokens.sum()) > 0
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_grouped_gemm_output_takes_in_place_edits(monkeypatch):
+    """The bank's output on the grouped GEMM path is an ordinary tensor (not a custom Function's view)."""
+    monkeypatch.setattr(experts_module, "CPU_GROUPED_MM_MACS", GROUPED_MM_MACS)
+    bank = GroupedExperts(4, dim=8, hidden_dim=16)
+    x = torch.randn(6, 8, requires_grad=True)
+    y = bank(x, [1, 2, 0, 3])
+    y.mul_(2)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_misaligned_rows_take_the_same_kernel_in_both_forms(monkeypatch):
+    """A view starting off a 16-byte boundary: the row form copies it for the grouped GEMM, as the routed form's
+    gather does, so both still agree bit for bit."""
+    monkeypatch.setattr(experts_module, "CPU_GROUPED_MM_MACS", GROUPED_MM_MACS)
+    calls = []
+    grouped_mm = _compat.grouped_mm
+    monkeypatch.setattr(_compat, "grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    torch.manual_seed(0)
+    bank = GroupedExperts(3, dim=8, hidden_dim=16)
+    x = torch.randn(49)[1:].view(6, 8)
+    rows = bank(x, [2, 2, 2])
+    assert len(calls) == 2
+    routed = bank.forward_routed(x, torch.arange(6), torch.ones(6), [2, 2, 2])
+    assert len(calls) == 4 and torch.equal(rows, routed)

@@ -80,15 +80,17 @@ def _cpu_grouped_mm_possible(x: Tensor, weights: Sequence[Tensor]) -> bool:
         and not torch.compiler.is_compiling()  # compiled: the fused custom operator (no graph break)
         and x.dtype == expert_output_dtype(x) == torch.float32  # not under a lower-precision autocast
         and all(w.dtype == torch.float32 and _aligned_16(w) for w in weights)
-        and _aligned_16(x) and weights[0].shape[-1] % 4 == 0
+        and weights[0].shape[-1] % 4 == 0 and x.shape[-1] % 4 == 0  # rows of 16 bytes' multiples
     )
 
 
 def _cpu_grouped_mm_pays(x: Tensor, rows: int, num_experts: int, weights: Sequence[Tensor]) -> bool:
     """Whether ``rows`` rows of ``x`` should run as torch's CPU grouped GEMM (small experts).
 
-    One rule for every path that runs the bank (routed, rows from a dispatcher), so that the local layer and
-    an expert-parallel dispatcher run the same kernel on the same rows and agree bit for bit.
+    One rule on the kept rows for every path that runs the bank as rows (routed, rows from a dispatcher's
+    sequential exchange), so that they run the same kernel and agree bit for bit; the row input is made
+    16-byte aligned where it is not (a gathered copy always is). The overlapped expert-parallel exchange runs
+    the fused kernels on its blocks (``distributed/overlap.py``) and agrees to float rounding.
     """
     return (rows > 0 and _cpu_grouped_mm_possible(x, weights)
             and rows * x.shape[-1] * weights[0].shape[-1] < CPU_GROUPED_MM_MACS * num_experts)
@@ -233,9 +235,12 @@ class GroupedExperts(nn.Module):
         if x_MD.shape[0] == 0:
             return _empty_output(x_MD, self.dim, self.parameters())
         weights = [w for w in (self.w1, self.w2, self.w3) if w is not None]
-        if self.b1 is None and (_grouped_mm_usable(x_MD, *weights)
-                                or _cpu_grouped_mm_pays(x_MD, x_MD.shape[0], self.num_experts, weights)):
+        if self.b1 is None and _grouped_mm_usable(x_MD, *weights):
             return self._forward_grouped_mm(x_MD, counts)
+        if self.b1 is None and _cpu_grouped_mm_pays(x_MD, x_MD.shape[0], self.num_experts, weights):
+            # The CPU grouped GEMM needs a 16-byte aligned input: a misaligned view is copied once.
+            aligned = x_MD if _aligned_16(x_MD) else x_MD.clone(memory_format=torch.contiguous_format)
+            return self._forward_grouped_mm(aligned, counts)
         if self._fused(x_MD):
             return grouped_mlp(self._cast(x_MD)[0], counts, *self._cast_weights(x_MD), activation=self.activation)
         return self._forward_loop(x_MD, counts)
@@ -333,23 +338,20 @@ class GroupedExperts(nn.Module):
             h_MH = self.gated(h_MH, _compat.grouped_mm(x_MD, self.w3, offs=offsets))
         else:
             h_MH = activation_function(self.activation)(h_MH)
-        return _ContiguousGrad.apply(_compat.grouped_mm(h_MH, self.w2, offs=offsets))
+        return _contiguous_grad(_compat.grouped_mm(h_MH, self.w2, offs=offsets))
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient.
+def _contiguous_grad(y: Tensor) -> Tensor:
+    """``y``, its gradient made contiguous on the way back.
 
     torch's grouped GEMM backward rejects gradients with zero strides (``y.sum().backward()`` sends an
-    expanded one: "Invalid strides/sizes"); this costs nothing when the gradient is already contiguous.
+    expanded one: "Invalid strides/sizes"). A tensor hook, not a custom Function: ``y`` stays an ordinary
+    tensor (a Function's output that is its input is a view, which in-place edits may not touch). Free
+    when the gradient is already contiguous.
     """
-
-    @staticmethod
-    def forward(ctx, y: Tensor) -> Tensor:
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous()
+    if y.requires_grad and not torch.compiler.is_compiling():
+        y.register_hook(Tensor.contiguous)
+    return y
 
 
 class TemplateExperts(nn.Module):
