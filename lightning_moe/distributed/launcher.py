@@ -82,6 +82,7 @@ def start_peer_watchdog() -> None:
 # Objects whose release_process_groups() drops the references they hold to process groups (a strategy's device
 # meshes hold their groups): at exit they let go first, so that destroying the groups really frees them.
 _group_holders: weakref.WeakSet[Any] = weakref.WeakSet()
+_registered = False
 
 
 def _destroy_process_groups() -> None:
@@ -98,11 +99,14 @@ def destroy_process_groups_at_exit(holder: Any = None) -> None:
     A gloo group's worker threads drop the last reference to each finished collective's tensors; one doing so
     while the interpreter finalizes cannot take the GIL and aborts the process. Destroying every group in an
     ``atexit`` handler, once nothing else holds them, joins those threads first. ``destroy_process_group``
-    alone does not stop them while a reference remains (a ``DeviceMesh`` keeps its groups): ``holder``, kept
-    by weak reference, has ``release_process_groups()`` called first. A no-op at exit for groups the user
+    alone does not stop them while a reference remains (a ``DeviceMesh`` keeps its groups, an expert-parallel
+    dispatcher its expert group): ``holder``, kept by weak reference, has ``release_process_groups()`` called
+    first. A no-op at exit for groups the user
     destroyed already.
     """
+    global _registered
     if holder is not None:
         _group_holders.add(holder)
-    atexit.unregister(_destroy_process_groups)  # once, however many stages set a strategy up
-    atexit.register(_destroy_process_groups)
+    if not _registered:  # once: exit handlers registered later (a user's final barrier) still run before it
+        atexit.register(_destroy_process_groups)
+        _registered = True

@@ -160,6 +160,7 @@ class _Overlapped(torch.autograd.Function):
                     if grad is not None:
                         grad[e].zero_()
         store.saved = None
+        ctx.group = None  # the graph node may outlive the step: it must not keep the group (and its threads) alive
         # 3. input gradients back to the ranks that sent the rows (every rank runs it, whatever it needs).
         gx_RD = gx_RD if gx_RD is not None else x_RD.new_zeros(x_RD.shape)
         gx_MD = all_to_all_wait(all_to_all_start(gx_RD, plan.input_splits, plan.output_splits, group))

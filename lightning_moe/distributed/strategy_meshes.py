@@ -20,7 +20,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_moe.distributed import fake, launcher
-from lightning_moe.distributed.expert_parallel import check_expert_parallel_size
+from lightning_moe.distributed.expert_parallel import ExpertParallelDispatcher, check_expert_parallel_size
+from lightning_moe.nn.moe import find_moe_layers
 
 __all__ = ["StrategyMeshes"]
 
@@ -95,13 +96,19 @@ class StrategyMeshes(DDPStrategy):
             self._world_mesh = None
 
     def release_process_groups(self) -> None:
-        """Forget the device meshes (they hold their process groups); ``setup_environment`` builds them again.
+        """Let go of the process groups the strategy and its model hold: the device meshes, and the expert
+        group of each layer's :class:`~lightning_moe.distributed.ExpertParallelDispatcher`.
 
-        Called at exit before the groups are destroyed (:func:`~lightning_moe.distributed.launcher.
-        destroy_process_groups_at_exit`), so that destroying them stops their threads.
+        Called at exit, before the groups are destroyed (:func:`~lightning_moe.distributed.launcher.
+        destroy_process_groups_at_exit`), so that destroying them stops their threads. Not for use before
+        exit: the layers would exchange over the default group. Parameters sharded by FSDP keep their mesh.
         """
         self._device_mesh = None
         self._world_mesh = None
+        module = self.lightning_module
+        for _, layer in find_moe_layers(module) if module is not None else []:
+            if isinstance(layer.expert_dispatcher, ExpertParallelDispatcher):
+                layer.expert_dispatcher.group = None
 
     @contextmanager
     @override

@@ -1,8 +1,9 @@
 """Whether the process groups are gone before interpreter finalization, for tests/test_reliability.py.
 
-Usage: ``python process_group_exit.py <json path>``. A single-process ``strategy="moe"`` fit; an atexit
-handler registered before the trainer is created (so it runs after every handler the strategy registers)
-writes ``{"initialized": ..., "gloo_threads": [...]}`` to the path.
+Usage: ``python process_group_exit.py``. A 2-rank ``strategy="moe"`` fit (expert parallel: the overlapped
+exchange runs); on each rank an atexit handler registered before the trainer is created (so it runs after
+every handler the strategy registers) writes ``{"initialized": ..., "gloo_threads": [...]}`` to
+``exit_rank{r}.json`` in the output folder.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from script_io import main  # noqa: E402
+from script_io import env_rank, main, out_dir  # noqa: E402
 
 
-def at_exit(path: str) -> None:
+def at_exit() -> None:
     threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-    with open(path, "w") as f:
+    with open(out_dir() / f"exit_rank{env_rank()}.json", "w") as f:
         json.dump({"initialized": dist.is_initialized(), "gloo_threads": [t for t in threads if "gloo" in t]}, f)
 
 
@@ -30,8 +31,8 @@ def body() -> None:
     from helpers import RegressionData, TinyMoE, make_trainer
 
     # Registered first, so it runs after every handler the strategy registers (atexit runs last-in first-out).
-    atexit.register(at_exit, sys.argv[1])
-    trainer, model = make_trainer(strategy="moe"), TinyMoE()
+    atexit.register(at_exit)
+    trainer, model = make_trainer(strategy="moe", devices=2, max_steps=2), TinyMoE()
     trainer.fit(model, RegressionData())
     assert dist.is_initialized()  # the group outlives fit, as under Lightning's DDP
 
