@@ -101,8 +101,7 @@ def destroy_process_groups_at_exit(holder: Any = None) -> None:
     ``atexit`` handler, once nothing else holds them, joins those threads first. ``destroy_process_group``
     alone does not stop them while a reference remains (a ``DeviceMesh`` keeps its groups, an expert-parallel
     dispatcher its expert group): ``holder``, kept by weak reference, has ``release_process_groups()`` called
-    first. A no-op at exit for groups the user
-    destroyed already.
+    first. A no-op at exit for groups the user destroyed already.
     """
     global _registered
     if holder is not None:

@@ -266,20 +266,19 @@ class GroupedExperts(nn.Module):
     def _forward_routed(self, x_TD: Tensor, token_N: Tensor, weights_N: Tensor, counts: Tensor | Sequence[int]
                         ) -> Tensor:
         weights = [w for w in (self.w1, self.w2, self.w3) if w is not None]
+        grouped = False
         if self.b1 is None and _cpu_grouped_mm_possible(x_TD, weights):
-            # NOTE: host sync (counts as a tensor): the kept rows decide the kernel, as in _forward_rows.
+            # NOTE: host sync (counts as a tensor): the kept rows decide the kernel, by _forward_rows's rule.
             counts = counts.tolist() if isinstance(counts, Tensor) else list(counts)
-            if _cpu_grouped_mm_pays(x_TD, sum(counts), self.num_experts, weights):
-                token_M, weights_M = token_N[: sum(counts)], weights_N[: sum(counts)]
-                y_MD = self._forward_grouped_mm(x_TD.index_select(0, token_M), counts)
-                return weighted_combine(y_MD, weights_M, token_M, x_TD.shape[0])
-        if self._fused(x_TD):
+            grouped = _cpu_grouped_mm_pays(x_TD, sum(counts), self.num_experts, weights)
+        if self._fused(x_TD) and not grouped:
             return routed_mlp(self._cast(x_TD)[0], token_N, weights_N, counts, *self._cast_weights(x_TD),
                               activation=self.activation)
         # NOTE: host sync (counts as a tensor): the expert GEMMs need their sizes.
         host = counts.tolist() if isinstance(counts, Tensor) else list(counts)
         token_M, weights_M = token_N[: sum(host)], weights_N[: sum(host)]
-        y_MD = self._forward_rows(x_TD.index_select(0, token_M), host)  # inside this call: hooks ran already
+        # The row form picks the kernel (the grouped GEMM where it pays); inside this call: hooks ran already.
+        y_MD = self._forward_rows(x_TD.index_select(0, token_M), host)
         return weighted_combine(y_MD, weights_M, token_M, x_TD.shape[0])
 
     def fused_params(self, x: Tensor) -> FusedWeights | None:
